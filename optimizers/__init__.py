@@ -1,0 +1,7 @@
+"""Optimizers as plug-ins: a registry, a param-group factory and schedules. Pure torch."""
+from .factory import (OPTIMIZERS, build_optimizer, classify_parameters, param_groups,
+                      register)
+from .schedules import lr_factor, warmup_decay
+
+__all__ = ["OPTIMIZERS", "build_optimizer", "classify_parameters", "param_groups", "register",
+           "lr_factor", "warmup_decay"]

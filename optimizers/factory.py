@@ -1,0 +1,147 @@
+"""One place that decides parameter groups and builds optimizers by name.
+
+Param-group rules follow timm's ``param_groups_weight_decay``: no weight decay on
+biases, normalization gains and embeddings. Every group also carries a ``kind``
+(``hidden``, ``head``, ``embedding``, ``gain``, ``bias``) and ``use_muon`` (True only
+for hidden matrices), so matrix optimizers (Muon and relatives) can split hidden
+weight matrices from everything else without re-walking the model.
+
+Pure torch: nothing here imports Lightning.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+OptimizerBuilder = Callable[..., torch.optim.Optimizer]
+OPTIMIZERS: dict[str, OptimizerBuilder] = {}
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
+          nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+if hasattr(nn, "RMSNorm"):
+    _NORMS = _NORMS + (nn.RMSNorm,)
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+# Output layers by conventional attribute name; Muon and muP treat them apart from
+# hidden matrices (they map to a vocabulary / label space, not a hidden space).
+HEAD_NAMES = ("lm_head", "head", "classifier", "output_layer", "fc_out")
+KINDS = ("hidden", "head", "embedding", "gain", "bias")
+
+
+def register(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
+    """Decorator adding ``fn(groups, lr=..., **hparams) -> Optimizer`` to the registry."""
+
+    def deco(fn: OptimizerBuilder) -> OptimizerBuilder:
+        if name in OPTIMIZERS:
+            raise ValueError(f"optimizer {name!r} is registered twice")
+        OPTIMIZERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _head_modules(model: nn.Module, head_names: Iterable[str] | None) -> set[str]:
+    names = dict(model.named_modules())
+    if head_names is not None:
+        missing = [n for n in head_names if n not in names]
+        if missing:
+            raise ValueError(f"head_names {missing} are not modules of {type(model).__name__}; "
+                             f"choose from {sorted(n for n in names if n)[:20]}...")
+        return set(head_names)
+    found = {n for n in names if n.split(".")[-1] in HEAD_NAMES}
+    if found:
+        return found
+    # No conventional name: the last Linear layer registered is the output layer in
+    # nearly every feed-forward model (timm and Muon's docs make the same assumption).
+    linears = [n for n, m in names.items() if isinstance(m, nn.Linear)]
+    return {linears[-1]} if linears else set()
+
+
+def classify_parameters(model: nn.Module, head_names: Iterable[str] | None = None
+                        ) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Map each trainable parameter (shared ones once) to one of :data:`KINDS`."""
+    heads = _head_modules(model, head_names)
+    out: dict[str, list[tuple[str, nn.Parameter]]] = {k: [] for k in KINDS}
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(module, _EMBEDDINGS):
+                kind = "embedding"
+            elif isinstance(module, _NORMS) or p.ndim < 2:
+                kind = "bias" if p_name.endswith("bias") else "gain"
+            elif mod_name in heads:
+                kind = "head"
+            else:
+                kind = "hidden"
+            out[kind].append((full, p))
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.0,
+                 head_names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Parameter groups with ``kind``, ``use_muon``, ``param_names`` and weight decay.
+
+    Weight decay applies to hidden matrices and the head only.
+    """
+    groups = []
+    for kind, named in classify_parameters(model, head_names).items():
+        if not named:
+            continue
+        groups.append({
+            "params": [p for _, p in named],
+            "param_names": [n for n, _ in named],
+            "kind": kind,
+            "use_muon": kind == "hidden",
+            "weight_decay": weight_decay if kind in ("hidden", "head") else 0.0,
+        })
+    return groups
+
+
+def build_optimizer(model: nn.Module | Iterable, name: str = "adamw", lr: float = 1e-3,
+                    weight_decay: float = 0.0, head_names: Iterable[str] | None = None,
+                    **hparams: Any) -> torch.optim.Optimizer:
+    """Build registered optimizer ``name`` over ``model``'s parameter groups.
+
+    ``model`` may be an ``nn.Module`` (groups from :func:`param_groups`) or an iterable
+    of ready-made param groups (dicts) / parameters. Extra ``hparams`` go to the
+    optimizer's constructor (``betas``, ``momentum``, ``ns_steps`` ...).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; registered: {sorted(OPTIMIZERS)}. "
+                         "Add one with @optimizers.register(name).")
+    if isinstance(model, nn.Module):
+        groups = param_groups(model, weight_decay, head_names)
+    else:
+        groups = list(model)
+        if groups and isinstance(groups[0], dict):
+            groups = [{"weight_decay": weight_decay, **g} for g in groups]
+        else:
+            groups = [{"params": groups, "weight_decay": weight_decay}]
+    if "betas" in hparams:  # YAML gives lists; torch wants a tuple
+        hparams["betas"] = tuple(hparams["betas"])
+    builder = OPTIMIZERS[name]
+    try:
+        return builder(groups, lr=lr, **hparams)
+    except TypeError as e:
+        sig = inspect.signature(getattr(builder, "optimizer_class", builder))
+        raise TypeError(f"optimizer {name!r} rejected its hyperparameters {sorted(hparams)}: {e}. "
+                        f"It accepts {list(sig.parameters)[1:]}") from e
+
+
+def _torch_builder(cls: type[torch.optim.Optimizer], **defaults: Any) -> OptimizerBuilder:
+    def build(groups, lr, **hp):
+        return cls(groups, lr=lr, **{**defaults, **hp})
+
+    build.optimizer_class = cls
+    return build
+
+
+register("adamw")(_torch_builder(torch.optim.AdamW))
+register("adam")(_torch_builder(torch.optim.Adam))
+register("sgd")(_torch_builder(torch.optim.SGD, momentum=0.9))

@@ -1,0 +1,2 @@
+"""Regularizers: pure functional cores plus thin Lightning callbacks."""
+__all__: list[str] = []

@@ -1,0 +1,5 @@
+"""Paper ideas as plug-in components over one Lightning trainer."""
+from .data import ImageDataModule, TextDataModule
+from .modules import Classifier, LanguageModel
+
+__all__ = ["Classifier", "ImageDataModule", "LanguageModel", "TextDataModule"]

@@ -1,0 +1,105 @@
+"""``python -m toolkit`` / ``toolkit``: LightningCLI with the defaults a user expects.
+
+Defaults added unless the config names its own: TensorBoard logger under
+``runs/<recipe>/`` (the resolved config saved beside it), a progress bar (rich on a
+terminal, plain lines otherwise), ``ModelCheckpoint(save_last=True)``, a learning-rate
+monitor, RNG state in checkpoints and a fixed seed. Recipe callbacks are added to these.
+``--ckpt_path last`` resumes the newest ``last.ckpt`` of the recipe and keeps logging into
+the same run folder. ``toolkit recipes`` lists the recipes.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import (Callback, LearningRateMonitor, ModelCheckpoint,
+                                         ProgressBar, RichProgressBar)
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from .callbacks import PlainProgress, RNGState
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_summary(path: Path) -> str:
+    """First line of a recipe's header comment."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return "(no header comment)"
+
+
+def list_recipes(folder: Path = RECIPES) -> str:
+    rows = [(p.stem, recipe_summary(p)) for p in sorted(folder.glob("*.yaml"))]
+    if not rows:
+        return f"no recipes in {folder}"
+    w = max(len(n) for n, _ in rows)
+    return "\n".join(f"{n:<{w}}  {d}" for n, d in rows)
+
+
+def _config_name(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a in ("--config", "-c") and i + 1 < len(argv):
+            return Path(argv[i + 1]).stem
+        if a.startswith("--config="):
+            return Path(a.split("=", 1)[1]).stem
+    return "default"
+
+
+def _last_checkpoint(run_dir: Path) -> Path | None:
+    found = [p for p in run_dir.glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+class ToolkitCLI(LightningCLI):
+    def __init__(self, *args, run_name: str = "default", runs_root: str = "runs", **kwargs):
+        self.run_name, self.runs_root = run_name, runs_root
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        self._resume_version = None
+        if cfg.get("ckpt_path") == "last":
+            last = _last_checkpoint(Path(self.runs_root) / self.run_name)
+            if last is not None:
+                cfg["ckpt_path"] = str(last)
+                self._resume_version = last.parent.parent.name
+                print(f"resuming from {last}", flush=True)
+            else:
+                print(f"--ckpt_path last: no last.ckpt under {self.runs_root}/{self.run_name}; "
+                      "starting from scratch", flush=True)
+                cfg["ckpt_path"] = None
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
+        config = dict(config)
+        cbs = list(config.get("callbacks") or []) + list(callbacks)
+        have = lambda t: any(isinstance(c, t) for c in cbs)
+        if config.get("logger") in (None, True):
+            config["logger"] = TensorBoardLogger(self.runs_root, name=self.run_name,
+                                                 version=self._resume_version,
+                                                 default_hp_metric=False)
+        if config.get("enable_checkpointing", True) is not False and not have(ModelCheckpoint):
+            cbs.append(ModelCheckpoint(save_last=True))
+        if config.get("logger") is not False and not have(LearningRateMonitor):
+            cbs.append(LearningRateMonitor(logging_interval="step"))
+        if not have(RNGState):
+            cbs.append(RNGState())
+        if config.get("enable_progress_bar", True) is not False and not have(ProgressBar):
+            cbs.append(RichProgressBar() if sys.stdout.isatty() else PlainProgress())
+        config["callbacks"] = [c for c in cbs if c not in callbacks]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["recipes"]:
+        print(list_recipes())
+        return
+    ToolkitCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+               subclass_mode_data=True, seed_everything_default=0, args=argv,
+               save_config_kwargs={"overwrite": True}, run_name=_config_name(args))

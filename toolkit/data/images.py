@@ -1,0 +1,110 @@
+"""28x28 image classification data: MNIST-format IDX folders or a hub dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .idx import GET_DATA, DataError, find_split, read_idx
+from .samplers import ResumableSampler, trainer_position
+
+
+def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Indices of ``size`` examples, as equal a share of each class as ``size`` allows."""
+    classes = labels.unique()
+    if size < len(classes):
+        raise ValueError(f"train_subset={size} is smaller than the {len(classes)} classes")
+    g = torch.Generator().manual_seed(seed)
+    per, extra = divmod(size, len(classes))
+    picked = []
+    for i, c in enumerate(classes.tolist()):
+        idx = (labels == c).nonzero().squeeze(1)
+        want = per + (i < extra)
+        if want > len(idx):
+            raise ValueError(f"class {c} has only {len(idx)} examples, fewer than the {want} a "
+                             f"balanced subset of {size} needs")
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:want]])
+    return torch.cat(picked).sort().values
+
+
+def _load_hub(name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    import datasets
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as e:
+        raise DataError(f"could not load hub dataset {name!r} ({type(e).__name__}: {e}). "
+                        f"Give a local folder as data.root instead. {GET_DATA}") from e
+    out = {}
+    for split, key in (("train", "train"), ("t10k", "test")):
+        d = ds[key].with_format("numpy")
+        img_col = next(c for c in ("image", "img", "pixel_values") if c in d.column_names)
+        lab_col = next(c for c in ("label", "labels") if c in d.column_names)
+        out[split] = (np.stack(d[img_col]).astype(np.uint8), np.asarray(d[lab_col]))
+    return out
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images from ``root`` (IDX files; MNIST, Fashion-MNIST, KMNIST ...) or, when ``root``
+    is absent, from hub dataset ``hub_name`` through ``datasets``.
+
+    The last ``val_size`` training examples (after a fixed shuffle) validate; the official
+    test split tests. ``train_subset`` keeps a class-balanced subset of the rest.
+    Batches are ``(x, y)``: float images normalized by the training mean/std, int labels.
+    """
+
+    def __init__(self, root: str | None = None, hub_name: str | None = "ylecun/mnist",
+                 batch_size: int = 128, eval_batch_size: int = 1000, val_size: int = 5000,
+                 train_subset: int | None = None, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self._loaded = False
+
+    def _read(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        root, hub = self.hparams.root, self.hparams.hub_name
+        if root is not None and Path(root).is_dir():
+            return {s: tuple(read_idx(p) for p in find_split(Path(root), s)) for s in ("train", "t10k")}
+        if hub is not None:
+            return _load_hub(hub)
+        raise DataError(f"data folder {root} does not exist and no hub_name is set. {GET_DATA}")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._loaded:
+            return
+        hp = self.hparams
+        arrays = self._read()
+        (xtr, ytr), (xte, yte) = arrays["train"], arrays["t10k"]
+        x = torch.from_numpy(np.array(xtr, dtype=np.float32)).unsqueeze(1) / 255
+        y = torch.from_numpy(np.array(ytr, dtype=np.int64))
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(hp.seed))
+        if not 0 <= hp.val_size < len(x):
+            raise ValueError(f"val_size={hp.val_size} must be below the {len(x)} training examples")
+        tr, va = perm[:len(x) - hp.val_size], perm[len(x) - hp.val_size:]
+        if hp.train_subset is not None:
+            tr = tr[balanced_subset(y[tr], hp.train_subset, hp.seed)]
+        self.mean, self.std = x[tr].mean().item(), x[tr].std().item()
+        norm = lambda t: (t - self.mean) / self.std
+        self.num_classes = int(y.max()) + 1
+        self.train_set = TensorDataset(norm(x[tr]), y[tr])
+        self.val_set = TensorDataset(norm(x[va]), y[va])
+        xt = torch.from_numpy(np.array(xte, dtype=np.float32)).unsqueeze(1) / 255
+        self.test_set = TensorDataset(norm(xt), torch.from_numpy(np.array(yte, dtype=np.int64)))
+        self._loaded = True
+
+    def train_dataloader(self):
+        hp = self.hparams
+        world, rank, done_in_epoch, _ = trainer_position(self)
+        sampler = ResumableSampler(len(self.train_set), hp.batch_size, world, rank, hp.seed,
+                                   skip_batches=done_in_epoch)
+        return DataLoader(self.train_set, batch_size=hp.batch_size, sampler=sampler,
+                          drop_last=True, num_workers=hp.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.hparams.eval_batch_size,
+                          num_workers=self.hparams.num_workers)
+
+    def test_dataloader(self):
+        return DataLoader(self.test_set, batch_size=self.hparams.eval_batch_size,
+                          num_workers=self.hparams.num_workers)

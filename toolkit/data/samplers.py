@@ -1,0 +1,58 @@
+"""Samplers whose order is a pure function of (seed, epoch, batch), so that DDP ranks
+split one global batch and a mid-epoch resume continues with exactly the next batch."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DistributedSampler
+
+
+class ResumableSampler(DistributedSampler):
+    """Epoch permutation from ``seed + epoch``; global batch g = perm[g*B*W:(g+1)*B*W],
+    rank r takes rows [r*B, (r+1)*B) of it. With ``world=1, batch=2B`` and ``world=2,
+    batch=B`` the global batches are identical.
+
+    Subclassing ``DistributedSampler`` tells Lightning not to wrap it again.
+    ``skip_batches`` drops the first batches of the first epoch iterated (resume).
+    ``__len__`` stays the full epoch so Lightning's batch counting, which adds the
+    batches already done, ends the epoch where it would have ended.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True, skip_batches: int = 0):
+        self.n, self.batch_size, self.world, self.r = num_samples, batch_size, num_replicas, rank
+        self.num_replicas, self.rank = num_replicas, rank
+        self.seed, self.shuffle, self.epoch, self.skip = seed, shuffle, 0, skip_batches
+        self.num_batches = num_samples // (batch_size * num_replicas)
+        self.drop_last = True
+        self.num_samples = self.num_batches * batch_size  # per rank, as in DistributedSampler
+        if self.num_batches == 0:
+            raise ValueError(f"{num_samples} samples cannot fill one global batch of "
+                             f"{batch_size} x {num_replicas} ranks; lower data.batch_size")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            perm = torch.randperm(self.n, generator=g)
+        else:
+            perm = torch.arange(self.n)
+        B, W = self.batch_size, self.world
+        skip, self.skip = self.skip, 0
+        for b in range(skip, self.num_batches):
+            start = b * B * W + self.r * B
+            yield from perm[start:start + B].tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def trainer_position(module) -> tuple[int, int, int, int]:
+    """(world_size, rank, batches done this epoch, batches done in total) of the
+    module's trainer; zeros and world 1 when no trainer is attached."""
+    trainer = getattr(module, "trainer", None)
+    if trainer is None:
+        return 1, 0, 0, 0
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return trainer.world_size, trainer.global_rank, progress.current.completed, progress.total.completed

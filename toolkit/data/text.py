@@ -1,0 +1,127 @@
+"""Character-level text data: a local file, a hub dataset, or the embedded Tiny Shakespeare."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from .idx import DataError
+from .samplers import trainer_position
+
+EMBEDDED = Path(__file__).with_name("tinyshakespeare.txt")
+
+
+def load_text(path: str | None = None, hub_name: str | None = None, hub_split: str = "train",
+              text_column: str = "text") -> str:
+    """The corpus as one string: ``path`` if given, else hub dataset ``hub_name`` through
+    ``datasets``, else the Tiny Shakespeare copy shipped in the package."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"text file {p} does not exist. Give an existing UTF-8 text file "
+                            "(data.path), a hub dataset (data.hub_name), or neither for the "
+                            "embedded Tiny Shakespeare.")
+        return p.read_text(encoding="utf-8")
+    if hub_name is not None:
+        import datasets
+        try:
+            ds = datasets.load_dataset(hub_name, split=hub_split)
+        except Exception as e:  # offline, unknown name, auth ...
+            raise DataError(f"could not load hub dataset {hub_name!r} ({type(e).__name__}: {e}). "
+                            "Check the name and network, or give a local file as data.path.") from e
+        if text_column not in ds.column_names:
+            raise DataError(f"hub dataset {hub_name!r} has no column {text_column!r}; its columns "
+                            f"are {ds.column_names}: set data.text_column")
+        return "\n".join(ds[text_column])
+    return EMBEDDED.read_text(encoding="utf-8")
+
+
+class BlockStream(IterableDataset):
+    """Endless stream of (x, y) batches of random ``block_size`` windows.
+
+    The global batch of step s is drawn from a generator seeded by (seed, s), and rank r
+    takes its rows [r*B, (r+1)*B): the data is a pure function of the step, so DDP ranks
+    split one global batch and a resume at step s continues with the same batches.
+    """
+
+    def __init__(self, data: torch.Tensor, block_size: int, batch_size: int, seed: int,
+                 start_step: int = 0, world: int = 1, rank: int = 0):
+        self.data, self.T, self.B = data, block_size, batch_size
+        self.seed, self.start, self.world, self.rank = seed, start_step, world, rank
+        self.offsets = torch.arange(block_size + 1)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(len(self.data) - self.T - 1, (self.B * self.world,), generator=g)
+        starts = starts[self.rank * self.B:(self.rank + 1) * self.B]
+        chunk = self.data[starts[:, None] + self.offsets]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class FixedBlocks(Dataset):
+    """A fixed, evenly spaced set of windows for validation/test (same every epoch)."""
+
+    def __init__(self, data: torch.Tensor, block_size: int, num_blocks: int):
+        span = len(data) - block_size - 1
+        if span <= 0:
+            raise DataError(f"split of {len(data)} characters is shorter than block_size+1")
+        self.data, self.T = data, block_size
+        self.starts = torch.linspace(0, span, min(num_blocks, span)).long()
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        chunk = self.data[self.starts[i]: self.starts[i] + self.T + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class TextDataModule(L.LightningDataModule):
+    """Character-level LM data. The vocabulary is the sorted set of the corpus's characters;
+    the first ``train_fraction`` of the text trains, the rest validates and tests."""
+
+    def __init__(self, path: str | None = None, hub_name: str | None = None,
+                 hub_split: str = "train", text_column: str = "text", block_size: int = 128,
+                 batch_size: int = 64, train_fraction: float = 0.9, val_blocks: int = 512,
+                 seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        if not 0 < train_fraction < 1:
+            raise ValueError(f"train_fraction={train_fraction} must lie strictly between 0 and 1")
+        self.save_hyperparameters()
+        text = load_text(path, hub_name, hub_split, text_column)
+        self.chars = sorted(set(text))
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        data = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
+        n = int(train_fraction * len(data))
+        self.train_data, self.val_data = data[:n], data[n:]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, s: str) -> torch.Tensor:
+        return torch.tensor([self.stoi[c] for c in s], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def train_dataloader(self):
+        hp = self.hparams
+        world, rank, _, done = trainer_position(self)
+        stream = BlockStream(self.train_data, hp.block_size, hp.batch_size, hp.seed, done, world, rank)
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def val_dataloader(self):
+        hp = self.hparams
+        return DataLoader(FixedBlocks(self.val_data, hp.block_size, hp.val_blocks),
+                          batch_size=hp.batch_size, num_workers=hp.num_workers)
+
+    test_dataloader = val_dataloader

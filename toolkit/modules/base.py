@@ -1,0 +1,58 @@
+"""Shared optimizer/schedule wiring for the toolkit's LightningModules."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+import optimizers
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class indices (int, shape N) or soft targets (float, N x C).
+
+    Soft targets are rows of probabilities (one-hot, mixup/k-mixup labels ...); a one-hot
+    row gives exactly the loss of its class index.
+    """
+    logits = logits.reshape(-1, logits.shape[-1])
+    if target.is_floating_point():
+        target = target.reshape(-1, target.shape[-1])
+        if target.shape != logits.shape:
+            raise ValueError(f"soft targets of shape {tuple(target.shape)} do not match logits "
+                             f"{tuple(logits.shape)}: give one probability row per example")
+        return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits, target.reshape(-1))
+
+
+def hard_labels(target: torch.Tensor) -> torch.Tensor:
+    """Class indices from index or soft targets (argmax of each probability row)."""
+    return target.argmax(-1) if target.is_floating_point() else target
+
+
+class TrainModule(L.LightningModule):
+    """Builds its optimizer with :func:`optimizers.build_optimizer` and a warmup+decay schedule."""
+
+    def __init__(self, optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
+                 optimizer_kwargs: dict[str, Any] | None = None, warmup_steps: int = 0,
+                 lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
+        super().__init__()
+        if optimizer not in optimizers.OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; registered: "
+                             f"{sorted(optimizers.OPTIMIZERS)}")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = optimizers.build_optimizer(self, hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+                                         **(hp.optimizer_kwargs or {}))
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if not math.isfinite(total):
+            if hp.lr_decay != "constant":
+                raise ValueError("an lr decay needs a known step budget: set trainer.max_steps "
+                                 "(or lr_decay: constant)")
+            total = 1
+        sched = optimizers.warmup_decay(opt, int(total), hp.warmup_steps, hp.lr_decay,
+                                        hp.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

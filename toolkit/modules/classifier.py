@@ -1,0 +1,77 @@
+"""Classifier: an MLP or small CNN trained with cross-entropy on index or soft targets."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torchmetrics
+from torch import nn
+
+from ..models import MLP, SmallCNN
+from .base import TrainModule, cross_entropy, hard_labels
+
+ARCHS = ("cnn", "mlp")
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` from a pair or a dict with image/label-like keys."""
+    if isinstance(batch, dict):
+        x = next((batch[k] for k in ("x", "image", "input", "inputs", "pixel_values") if k in batch), None)
+        y = next((batch[k] for k in ("y", "label", "labels", "target", "targets") if k in batch), None)
+        if x is None or y is None:
+            raise KeyError(f"batch dict keys {sorted(batch)} name no input/label pair "
+                           "(use 'x' and 'y')")
+        return x, y
+    x, y = batch
+    return x, y
+
+
+class Classifier(TrainModule):
+    def __init__(self, arch: str = "cnn", num_classes: int = 10, in_channels: int = 1,
+                 image_size: int = 28, width: int = 32, norm: str = "batch",
+                 activation: str = "relu", hidden: list[int] | None = None,
+                 optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
+                 optimizer_kwargs: dict[str, Any] | None = None, warmup_steps: int = 0,
+                 lr_decay: str = "cosine", min_lr_ratio: float = 0.0):
+        super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
+                         min_lr_ratio)
+        self.save_hyperparameters()
+        if arch == "cnn":
+            self.model: nn.Module = SmallCNN(in_channels, num_classes, width, norm,
+                                             activation=activation, image_size=image_size)
+        elif arch == "mlp":
+            self.model = MLP(in_channels * image_size ** 2, tuple(hidden or (256, 256)),
+                             num_classes, activation)
+        else:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+        metrics = lambda: torchmetrics.MetricCollection({
+            "acc": torchmetrics.Accuracy("multiclass", num_classes=num_classes),
+            "loss": torchmetrics.MeanMetric()})
+        self.val_metrics, self.test_metrics = metrics(), metrics()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch, metrics: torchmetrics.MetricCollection | None, stage: str):
+        x, y = split_batch(batch)
+        logits = self(x)
+        loss = cross_entropy(logits, y)
+        n = x.shape[0]
+        if metrics is None:  # training: per-step values, no epoch accumulation needed
+            acc = (logits.detach().argmax(-1) == hard_labels(y)).float().mean()
+            self.log_dict({"train/loss": loss.detach(), "train/acc": acc}, prog_bar=True,
+                          batch_size=n)
+            return loss
+        metrics["acc"].update(logits.detach(), hard_labels(y))
+        metrics["loss"].update(loss.detach(), weight=n)
+        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=True, batch_size=n)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, None, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, self.test_metrics, "test")
