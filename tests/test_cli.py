@@ -65,6 +65,7 @@ def test_defaults_logs_checkpoint_config_and_resume_last(monkeypatch, tmp_path):
     main(quick + ["--trainer.max_steps", "6", "--ckpt_path", "last"])
     assert torch.load(last, weights_only=True)["global_step"] == 6
     assert not (tmp_path / "runs" / "quickstart" / "version_1").exists()
+    main(["validate"] + quick[1:] + ["--ckpt_path", "last"])
 
 
 def test_recipe_callbacks_keep_the_defaults(monkeypatch, tmp_path):
