@@ -25,3 +25,10 @@ def tiny_mnist(tmp_path) -> Path:
     """A tiny MNIST-format folder (IDX .gz) written from random data: 600 train, 100 test."""
     from tests.helpers import write_fake_mnist
     return write_fake_mnist(tmp_path / "mnist", n_train=600, n_test=100)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own folder, so runs/, reports and configs never land in the
+    checkout."""
+    monkeypatch.chdir(tmp_path)

@@ -107,3 +107,11 @@ def test_optimizers_package_does_not_import_lightning():
     code = ("import sys, optimizers; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('lightning', 'pytorch_lightning')]; print(bad); assert not bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_classifier_archs_forward_shapes():
+    from toolkit import Classifier
+    for arch in ("cnn", "mlp"):
+        model = Classifier(arch=arch, num_classes=7)
+        assert model(torch.randn(3, 1, 28, 28)).shape == (3, 7)
+        assert kinds(model.model)["head"] == ["head.weight"]

@@ -22,18 +22,19 @@ def _norm(kind: str, channels: int, groups: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}; choose 'group', 'batch' or 'none'")
 
 
-class MLP(nn.Sequential):
+class MLP(nn.Module):
     def __init__(self, in_features: int = 784, hidden: tuple[int, ...] = (256, 256),
                  num_classes: int = 10, activation: str = "relu"):
+        super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         for width in hidden:
             layers += [nn.Linear(in_features, width), _act(activation)]
             in_features = width
-        super().__init__(*layers)
+        self.body = nn.Sequential(*layers)
         self.head = nn.Linear(in_features, num_classes)
 
     def forward(self, x):
-        return self.head(super().forward(x))
+        return self.head(self.body(x))
 
 
 class SmallCNN(nn.Module):
