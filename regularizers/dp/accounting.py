@@ -7,6 +7,8 @@ variables (Gopi, Lee & Wutschitz 2021), reporting its UPPER bound on epsilon.
 """
 from __future__ import annotations
 
+import warnings
+
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -27,15 +29,19 @@ def epsilon(ledger: Ledger, delta: float, accountant: str = "prv") -> float:
         return 0.0
     acc = ACCOUNTANTS[accountant]()
     acc.history = ledger
-    return float(acc.get_epsilon(delta=delta))
+    with warnings.catch_warnings():  # Opacus's "optimal order is the largest alpha" note
+        warnings.simplefilter("ignore", UserWarning)
+        return float(acc.get_epsilon(delta=delta))
 
 
 def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "prv") -> float:
     """Smallest sigma (to 0.01 in epsilon) with epsilon(sigma, q, steps) <= target."""
     _check(accountant)
-    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                 sample_rate=sample_rate, steps=steps, accountant=accountant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                     sample_rate=sample_rate, steps=steps, accountant=accountant)
     if epsilon([(sigma, sample_rate, steps)], delta, accountant) > target_epsilon:
         raise RuntimeError("calibrated sigma misses the target epsilon; this is a bug")
     return float(sigma)
