@@ -195,6 +195,10 @@ class DPSGD(L.Callback):
                 self._limit = self._steps() + accounting.max_steps(
                     spent, self.sigma, self.sample_rate, self.target_epsilon, self.delta,
                     self.accountant, upper=plan)
+        if self._steps() + 1 > self._limit:
+            trainer.should_stop = True
+            rank_zero_info(f"DP-SGD: no step fits in target_epsilon={self.target_epsilon} "
+                           f"(spent {self.epsilon():.4f}); not training")
         self._pass_counted = False  # a resumed shuffled epoch may revisit examples: new pass
         self._noise_seed = self._run_seed if self.seed is not None else fresh_seed()
         if trainer.is_global_zero:
