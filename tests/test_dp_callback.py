@@ -165,3 +165,25 @@ def test_shuffling_accepted_explicitly_is_reported_as_such(tiny_mnist):
     assert r["ledger"] == [[2.0, 1.0, 2]]  # two passes, each one full-batch Gaussian release
     assert r["epsilon"] == pytest.approx(epsilon([(2.0, 1.0, 2)], 1e-4, "rdp"))
     assert r["steps"] == t.global_step == 2 * math.floor(500 / 50)
+
+
+def test_ddp_two_processes_reproduce_one(tiny_mnist, tmp_path):
+    """ddp_spawn on 2 CPU ranks (gloo) with the global sample rate of 1 process: the
+    same global Poisson batches, clipping per rank before the all-reduce and the noise
+    added once give the 1-process weights (float round-off aside)."""
+    L.seed_everything(0)
+    init = [p.detach().clone() for p in model().parameters()]
+    runs = {}
+    for world in (1, 2):
+        L.seed_everything(0)
+        m = model()
+        dp = DPSGD(noise_multiplier=1.0, delta=1e-4, max_grad_norm=0.5, accountant="rdp", seed=3)
+        kw = {"strategy": "ddp_spawn", "devices": 2} if world == 2 else {"devices": 1}
+        t = trainer([dp], max_steps=4, accelerator="cpu", limit_val_batches=0,
+                    default_root_dir=str(tmp_path / str(world)), **kw)
+        t.fit(m, data(tiny_mnist, batch_size=50 // world))
+        runs[world] = [p.detach().clone() for p in m.parameters()]
+    moved = sum((a - b).norm() for a, b in zip(runs[1], init))
+    assert moved > 1e-2  # the runs trained
+    for a, b in zip(runs[1], runs[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

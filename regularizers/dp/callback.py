@@ -271,15 +271,16 @@ class DPSGD(L.Callback):
             "num_samples": getattr(self, "num_samples", None), "sampling": self.sampling,
             "analysis": POISSON_ANALYSIS if self.sampling == "poisson" else SHUFFLE_ANALYSIS,
             "ledger": [list(s) for s in self.ledger]}
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank makes it
         if trainer.is_global_zero:
             r = self.report
             rank_zero_info(f"DP-SGD report: epsilon={r['epsilon']:.4f} delta={r['delta']:g} "
                            f"sigma={r['noise_multiplier']:.4g} q={r['sample_rate']:.5g} "
                            f"steps={r['accounted_steps']} accountant={r['accountant']} "
                            f"C={r['max_grad_norm']} ({r['analysis']})")
-            if trainer.log_dir is not None:
-                Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-                (Path(trainer.log_dir) / "dp_report.json").write_text(json.dumps(r, indent=2))
+            if log_dir is not None:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                (Path(log_dir) / "dp_report.json").write_text(json.dumps(r, indent=2))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.engine is not None:
