@@ -107,6 +107,7 @@ class DPSGD(L.Callback):
         self.ledger: list[list] = []  # [sigma, q, steps]; q = 1 and steps = passes for shuffle
         self.sigma: float | None = None
         self.report: dict[str, Any] = {}
+        self.last_step: dict[str, Any] = {}  # privatize_ statistics of the last step
         self.engine: PerSampleGradients | None = None
         self._limit = math.inf
         self._pass_counted = False
@@ -239,9 +240,9 @@ class DPSGD(L.Callback):
         if self._charges_now():
             self._add()
             self._pass_counted = True
-        pl_module.log_dict({"dp/batch_size": float(stats["batch_size"]),
-                            "dp/clipped_fraction": stats["clipped_fraction"]},
-                           on_step=True, on_epoch=False, batch_size=max(1, stats["batch_size"]))
+        # Kept for debugging, never logged: the realized batch size and the clipped fraction
+        # are statistics of the private data released without noise.
+        self.last_step = stats
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.engine.capturing = False
