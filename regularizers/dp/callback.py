@@ -28,7 +28,8 @@ from .validate import PrivacyError, check_callbacks, check_model, check_trainer
 
 SHUFFLE_ANALYSIS = ("shuffled fixed-size batches, no privacy amplification by sampling: each "
                     "epoch counted as one full-batch Gaussian release (sensitivity C under "
-                    "zero-out adjacency), composed over epochs")
+                    "zero-out adjacency), composed over epochs; assumes the loader shows each "
+                    "example at most once per epoch")
 POISSON_ANALYSIS = "Poisson-subsampled Gaussian mechanism (add/remove adjacency)"
 
 
@@ -151,6 +152,11 @@ class DPSGD(L.Callback):
         bs = _batch_size(loader) if isinstance(loader, DataLoader) else None
         if bs is None:
             raise PrivacyError("sampling='shuffle' needs a DataLoader with a batch size")
+        sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
+        if getattr(sampler, "replacement", False):
+            raise PrivacyError(f"sampling='shuffle' counts one release per epoch, but the "
+                               f"{type(sampler).__name__} can repeat an example within an epoch; "
+                               "sample without replacement")
         self.num_samples = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
         self.sample_rate = 1.0  # no amplification is claimed
         self.expected_batch_size = bs * world
