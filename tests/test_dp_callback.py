@@ -187,3 +187,22 @@ def test_ddp_two_processes_reproduce_one(tiny_mnist, tmp_path):
     assert moved > 1e-2  # the runs trained
     for a, b in zip(runs[1], runs[2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_scattering_features_are_the_fixed_transform(tiny_mnist, tmp_path):
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    from toolkit.data.scattering import ScatterImageDataModule
+    kw = dict(root=str(tiny_mnist), val_size=100, train_subset=60, seed=0)
+    plain = ImageDataModule(**kw)
+    plain.setup()
+    dm = ScatterImageDataModule(**kw, cache_dir=str(tmp_path))
+    dm.setup()
+    assert dm.feature_shape == (81, 7, 7) and len(dm.train_set) == 60
+    ref = ScatteringTorch2D(J=2, shape=(28, 28))(plain.test_set.tensors[0][:5]).flatten(1, 2)
+    torch.testing.assert_close(dm.test_set.tensors[0][:5], ref)
+    assert torch.equal(dm.train_set.tensors[1], plain.train_set.tensors[1])
+    again = ScatterImageDataModule(**kw, cache_dir=str(tmp_path))
+    again.setup()  # from the cache
+    assert torch.equal(again.train_set.tensors[0], dm.train_set.tensors[0])
+    assert len(list(tmp_path.glob("scatter_*.pt"))) == 1
