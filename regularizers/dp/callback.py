@@ -278,7 +278,8 @@ class DPSGD(L.Callback):
             "num_samples": getattr(self, "num_samples", None), "sampling": self.sampling,
             "analysis": POISSON_ANALYSIS if self.sampling == "poisson" else SHUFFLE_ANALYSIS,
             "ledger": [list(s) for s in self.ledger]}
-        log_dir = trainer.log_dir  # a collective call under DDP: every rank makes it
+        # a collective call under DDP (every rank makes it); no logger, no run folder to write
+        log_dir = trainer.log_dir if trainer.logger is not None else None
         if trainer.is_global_zero:
             r = self.report
             rank_zero_info(f"DP-SGD report: epsilon={r['epsilon']:.4f} delta={r['delta']:g} "
