@@ -47,6 +47,24 @@ def run(eps: float, recipe: dict, data_root: str, epochs: int | None, seed: int)
             "accountant": r["accountant"], "test_acc": acc, "train_s": train_s}
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    eps = [r["epsilon"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(eps, [100 * r["test_acc"] for r in rows], "o-")
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(eps, [f"{e:.2g}" for e in eps])
+    ax.set_xlabel("epsilon spent (delta 1e-5, PRV)")
+    ax.set_ylabel("MNIST test accuracy (%)")
+    ax.set_title("DP-SGD, ScatterNet + GroupNorm-linear")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epsilons", type=float, nargs="+", default=[0.5, 1, 2, 3, 8])
@@ -71,18 +89,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     (out / "tradeoff.md").write_text(table + "\n")
     print(table)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["epsilon"] for r in rows], [100 * r["test_acc"] for r in rows], "o-")
-    ax.set_xscale("log")
-    ax.set_xlabel("epsilon spent (delta 1e-5, PRV)")
-    ax.set_ylabel("MNIST test accuracy (%)")
-    ax.set_title("DP-SGD, ScatterNet + GroupNorm-linear")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "tradeoff.png", dpi=120)
+    plot(rows, out / "tradeoff.png")
     return 0
 
 
