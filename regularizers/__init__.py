@@ -1,2 +1,4 @@
 """Regularizers: pure functional cores plus thin Lightning callbacks."""
-__all__: list[str] = []
+from .dp import DPSGD
+
+__all__: list[str] = ["DPSGD"]

@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+# Run as a script this module is __main__; cases import it as ``bench``: make both one
+# module so their @case registrations land in the CASES read here.
+sys.modules.setdefault("bench", sys.modules[__name__])
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
@@ -44,7 +47,7 @@ class Bench:
 class Case:
     name: str
     fn: Callable[[bool], Bench]
-    target: float | None
+    target: float | dict[str, float] | None
     doc: str
 
 
@@ -54,8 +57,9 @@ CASES: dict[str, Case] = {}
 sys.modules.setdefault("bench", sys.modules[__name__])
 
 
-def case(name: str, target: float | None = None):
-    """Register ``fn(quick) -> Bench``; ``target`` is the ratio ours/reference to stay under."""
+def case(name: str, target: float | dict[str, float] | None = None):
+    """Register ``fn(quick) -> Bench``; ``target`` is the ratio ours/reference to stay under
+    (one number for every reference, or a dict reference name -> target)."""
 
     def deco(fn):
         CASES[name] = Case(name, fn, target, (fn.__doc__ or "").strip().split("\n")[0])
@@ -95,8 +99,9 @@ def format_result(res: dict[str, Any]) -> str:
     for n, t in res["median_s"].items():
         ratio = res["ratio_vs"].get(n)
         tail = "" if ratio is None else f"   ours/this = {ratio:.3f}"
-        if ratio is not None and res["target"] is not None:
-            tail += "  (target <= %.2f: %s)" % (res["target"], "ok" if ratio <= res["target"] else "MISSED")
+        target = res["target"].get(n) if isinstance(res["target"], dict) else res["target"]
+        if ratio is not None and target is not None:
+            tail += "  (target <= %.2f: %s)" % (target, "ok" if ratio <= target else "MISSED")
         lines.append(f"  {n:<28} {t * 1e3:10.2f} ms{tail}")
     for k, v in res["extra"].items():
         lines.append(f"  {k}: {v}")

@@ -1,4 +1,4 @@
 from .gpt import GPT, GPTConfig
-from .vision import MLP, SmallCNN
+from .vision import MLP, GNLinear, SmallCNN, TanhCNN
 
-__all__ = ["GPT", "GPTConfig", "MLP", "SmallCNN"]
+__all__ = ["GPT", "GPTConfig", "GNLinear", "MLP", "SmallCNN", "TanhCNN"]

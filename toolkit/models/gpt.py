@@ -106,7 +106,10 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        # Positions indexed per example (B, T), not (T,): per-example gradients (DP-SGD)
+        # need every module's input to carry the batch dimension.
+        pos = torch.arange(T, device=idx.device).expand(idx.shape[0], T)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))

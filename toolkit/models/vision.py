@@ -59,3 +59,37 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.fc(self.features(x)))
+
+
+class TanhCNN(nn.Module):
+    """The DP-SGD baseline CNN of Papernot et al. 2021 ("Tempered sigmoid activations for
+    deep learning with differential privacy", Table 1, MNIST; Opacus's MNIST example):
+    conv16 8x8/2 - tanh - maxpool 2/1 - conv32 4x4/2 - tanh - maxpool 2/1 - fc32 - tanh - fc.
+    No normalization layer, so examples stay independent; 26k parameters."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, activation: str = "tanh"):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 8, 2, padding=3), _act(activation), nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, 2), _act(activation), nn.MaxPool2d(2, 1), nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 32), _act(activation))
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class GNLinear(nn.Module):
+    """GroupNorm over feature channels, then one linear layer: the "ScatterNet + linear"
+    model of Tramer & Boneh 2021 (Sec. 3) for (C, H, W) feature maps. GroupNorm
+    normalizes each example on its own, so it costs no privacy."""
+
+    def __init__(self, in_channels: int = 81, num_classes: int = 10, image_size: int = 7,
+                 groups: int = 27):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, in_channels)
+        self.flat = nn.Flatten()
+        self.head = nn.Linear(in_channels * image_size ** 2, num_classes)
+
+    def forward(self, x):
+        return self.head(self.flat(self.norm(x)))

@@ -7,10 +7,10 @@ import torch
 import torchmetrics
 from torch import nn
 
-from ..models import MLP, SmallCNN
+from ..models import MLP, GNLinear, SmallCNN, TanhCNN
 from .base import TrainModule, cross_entropy, hard_labels
 
-ARCHS = ("cnn", "mlp")
+ARCHS = ("cnn", "mlp", "tanh_cnn", "gn_linear")
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +39,10 @@ class Classifier(TrainModule):
         if arch == "cnn":
             self.model: nn.Module = SmallCNN(in_channels, num_classes, width, norm,
                                              activation=activation, image_size=image_size)
+        elif arch == "tanh_cnn":  # Papernot et al. 2021's DP-SGD CNN (28x28 inputs)
+            self.model = TanhCNN(in_channels, num_classes, activation)
+        elif arch == "gn_linear":  # linear model on feature maps (ScatterNet, Tramer & Boneh)
+            self.model = GNLinear(in_channels, num_classes, image_size)
         elif arch == "mlp":
             self.model = MLP(in_channels * image_size ** 2, tuple(hidden or (256, 256)),
                              num_classes, activation)

@@ -1,0 +1,94 @@
+"""The DP-SGD gradient: clip each example, sum, add Gaussian noise once, normalize.
+
+Abadi et al. 2016, Alg. 1 with Poisson sampling as analysed by Mironov et al. 2019:
+
+    g_hat = ( sum_i  c_i g_i  +  N(0, sigma^2 C^2 I) ) / (q N)
+
+``flat`` clipping: c_i = min(1, C / ||g_i||) over all parameters.  ``per_layer``: each
+parameter tensor k is clipped to C_k = C / sqrt(K), so the whole example still has norm
+<= sqrt(sum_k C_k^2) = C and the same noise sigma*C covers it (McMahan et al. 2018, Sec. 3).
+The denominator q N is the EXPECTED batch size: dividing by the realized one would make
+the normalization data dependent (Opacus does the same).
+
+Under DDP every rank clips its own examples, rank 0 alone adds the noise, and one SUM
+all-reduce of the flat vector yields the global noisy sum on every rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .per_sample import PerSampleGradients, Piece
+
+CLIPPING = ("flat", "per_layer")
+
+
+def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """c_i = min(1, C / ||g_i||); the 1e-6 keeps c_i ||g_i|| <= C when ||g_i|| ~ 0."""
+    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+def clipped_sum(pieces: dict[nn.Parameter, Piece], params: list[nn.Parameter],
+                max_grad_norm: float, clipping: str = "flat"
+                ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """(sum_i c_i g_i per parameter, per-example norms before clipping, batch size)."""
+    if clipping not in CLIPPING:
+        raise ValueError(f"clipping={clipping!r}: choose one of {CLIPPING}")
+    present = [p for p in params if p in pieces]
+    B = pieces[present[0]].norm2().shape[0] if present else 0
+    if not present or B == 0:
+        return [torch.zeros_like(p) for p in params], torch.zeros(0), 0
+    norm2 = {p: pieces[p].norm2() for p in present}
+    total = torch.sqrt(sum(norm2.values()))
+    if clipping == "flat":
+        c = clip_factors(total, max_grad_norm)
+        sums = {p: pieces[p].weighted_sum(c) for p in present}
+    else:
+        per = max_grad_norm / math.sqrt(len(params))
+        sums = {p: pieces[p].weighted_sum(clip_factors(norm2[p].sqrt(), per)) for p in present}
+    return [sums[p] if p in sums else torch.zeros_like(p) for p in params], total, B
+
+
+def noisy_mean_(params: list[nn.Parameter], sums: list[torch.Tensor], noise_std: float,
+                expected_batch_size: float, generator: torch.Generator | None = None,
+                add_noise: bool = True, group=None) -> None:
+    """Write ``(sum + N(0, noise_std^2)) / expected_batch_size`` into each ``p.grad``.
+
+    With torch.distributed initialized the sums of all ranks are added; only ranks with
+    ``add_noise`` (rank 0) contribute noise, so it enters the global sum exactly once.
+    """
+    flat = torch.cat([s.reshape(-1) for s in sums])
+    if add_noise and noise_std > 0:
+        flat += torch.normal(0.0, noise_std, flat.shape, generator=generator,
+                             device=flat.device, dtype=flat.dtype)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= expected_batch_size
+    i = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[i:i + n].view_as(p).to(p.dtype)
+        i += n
+
+
+def privatize_(engine: PerSampleGradients, max_grad_norm: float, noise_multiplier: float,
+               expected_batch_size: float, clipping: str = "flat",
+               generator: torch.Generator | None = None, add_noise: bool | None = None,
+               group=None) -> dict:
+    """Replace every ``.grad`` of ``engine.params`` by the DP-SGD gradient of the batch the
+    engine captured. Returns per-step statistics (batch size, mean/max per-example norm,
+    fraction clipped). ``add_noise`` defaults to "this is rank 0"."""
+    if max_grad_norm <= 0 or noise_multiplier < 0 or expected_batch_size <= 0:
+        raise ValueError("need max_grad_norm > 0, noise_multiplier >= 0, expected_batch_size > 0")
+    if add_noise is None:
+        add_noise = not (dist.is_available() and dist.is_initialized()) or dist.get_rank(group) == 0
+    sums, norms, B = clipped_sum(engine.pieces(), engine.params, max_grad_norm, clipping)
+    noisy_mean_(engine.params, sums, noise_multiplier * max_grad_norm, expected_batch_size,
+                generator, add_noise, group)
+    engine.clear()
+    return {"batch_size": B,
+            "grad_norm_mean": float(norms.mean()) if B else 0.0,
+            "clipped_fraction": float((norms > max_grad_norm).float().mean()) if B else 0.0}
