@@ -52,9 +52,6 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
-# Case modules do `from bench import case`; run as a script this module is __main__, so
-# alias it to keep one registry.
-sys.modules.setdefault("bench", sys.modules[__name__])
 
 
 def case(name: str, target: float | dict[str, float] | None = None):

@@ -15,17 +15,19 @@ ALL = sorted(RECIPES.glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def recipe_mnist(tmp_path_factory) -> Path:
-    """MNIST-format stand-in, big enough for the recipes' 5,000-image validation split: the
-    recipes must run on any MNIST-format folder, and two steps need no real digits."""
+    """MNIST-format stand-in: the recipes must run on any MNIST-format folder, and two steps
+    need no real digits."""
     from tests.helpers import write_fake_mnist
-    return write_fake_mnist(tmp_path_factory.mktemp("mnist"), n_train=6000, n_test=200)
+    return write_fake_mnist(tmp_path_factory.mktemp("mnist"), n_train=1200, n_test=100)
 
 
 def data_overrides(recipe: Path, mnist: Path) -> list[str]:
     args = yaml.safe_load(recipe.read_text()).get("data", {}).get("init_args", {})
-    out = ["--data.root", str(mnist)] if "root" in args else []
+    out = ["--data.root", str(mnist), "--data.val_size", "100"] if "root" in args else []
     if args.get("train_subset"):
         out += ["--data.train_subset", "500"]
+    if args.get("batch_size", 0) > 500:
+        out += ["--data.batch_size", "100"]
     return out
 
 
