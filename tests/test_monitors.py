@@ -355,7 +355,7 @@ def test_functional_monitors_on_hf_bert():
     x = hs[0]
     q = attn.query(x).view(2, 12, 4, 8).transpose(1, 2)
     k = attn.key(x).view(2, 12, 4, 8).transpose(1, 2)
-    l0 = (q @ k.transpose(-1, -2))[..., 0] * attn.scaling
+    l0 = (q @ k.transpose(-1, -2))[..., 0] / math.sqrt(8)
     probs = model(**batch, output_attentions=True).attentions[0]
     ref = (l0 - probs[..., 0].log()).square().mean().item()
     assert ind["attn_z/layer0"] == pytest.approx(ref, rel=1e-4)
