@@ -112,7 +112,7 @@ class MassiveActivationMonitor(StepMonitor):
     """Logs, per block, the ratio top-1/median |a| and the top-1 |a| every ``every_n_steps``
     (``massive/ratio/layer{i}``, ``massive/top1/layer{i}``), measured on the training
     forward of that step. Keeps the history in its checkpoint state, writes it as
-    ``massive_activations.csv`` and, at the end of fit, fits the emergence law of
+    ``massive_activations.csv`` (after every logging step) and, at the end of fit, fits the emergence law of
     Gallego-Feliciano et al. (2025) per layer (:mod:`toolkit.monitors.emergence`) with plots.
 
     ``out_dir`` defaults to the logger's run folder.
@@ -148,6 +148,9 @@ class MassiveActivationMonitor(StepMonitor):
         if metrics:
             metrics["massive/ratio/max"] = max(v for k, v in metrics.items() if "/ratio/" in k)
             log_metrics(trainer, metrics, step)
+        if trainer.is_global_zero:  # rewritten each time (small) so a cut run leaves its CSV
+            self.folder(trainer).mkdir(parents=True, exist_ok=True)
+            write_history(self.history, self.folder(trainer) / "massive_activations.csv")
 
     def state_dict(self) -> dict:
         return {"history": list(self.history), "measured_step": self._measured_step}
@@ -183,7 +186,10 @@ class MassiveActivationMonitor(StepMonitor):
                 add = getattr(getattr(logger, "experiment", None), "add_figure", None)
                 if add is not None:
                     for name, fig in figs.items():
-                        add(f"massive/{name}", fig, global_step=last)
+                        add(f"massive/{name}", fig, global_step=last, close=False)
+            import matplotlib.pyplot as plt
+            for fig in figs.values():
+                plt.close(fig)
 
 
 def write_history(rows: list[dict], path: str | Path) -> Path:
