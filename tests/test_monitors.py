@@ -383,3 +383,24 @@ def test_monitor_callbacks_train_an_hf_bert():
     assert "massive/ratio/layer1" in row and "stability/attn_z/layer1" in row
     assert "stability/logit_z" in row
     assert "spectral/dW/bert.bert.encoder.layer.0.attention.self.query.weight" in row
+
+
+def test_functional_monitors_on_hf_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                  bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(0, 50, (2, 12))
+    assert list(massive_activations(model, x)) == ["transformer.h.0", "transformer.h.1"]
+    ind = stability_indicators(model, {"input_ids": x})
+    out = model(x, output_attentions=True, output_hidden_states=True)
+    attn = model.transformer.h[1].attn
+    h = model.transformer.h[1].ln_1(out.hidden_states[1])
+    q, k, _ = (t.view(2, 12, 4, 8).transpose(1, 2) for t in attn.c_attn(h).split(32, dim=2))
+    l0 = (q @ k.transpose(-1, -2))[..., 0] / math.sqrt(8)  # key 0 is seen by every row
+    ref = (l0 - out.attentions[1][..., 0].log()).square().mean().item()
+    assert ind["attn_z/layer1"] == pytest.approx(ref, rel=1e-4)
+    logits = out.logits
+    assert ind["logit_z"] == pytest.approx(torch.logsumexp(logits, -1).square().mean().item(),
+                                           rel=1e-5)

@@ -82,6 +82,15 @@ def attention_logits(module: nn.Module, args: tuple, kwargs: dict
             pad = ~pad if pad.dtype == torch.bool else torch.isfinite(pad)
             keep = keep & pad[:, None, None, :]
         return logits, keep
+    if hasattr(module, "c_attn") and hasattr(module, "split_size"):  # Hugging Face GPT-2
+        x = args[0] if args else kwargs["hidden_states"]
+        q, k, _ = module.c_attn(x).split(module.split_size, dim=2)
+        q, k = _heads(q, module.num_heads), _heads(k, module.num_heads)
+        logits = q @ k.transpose(-1, -2)
+        if getattr(module, "scale_attn_weights", True):
+            logits = logits / math.sqrt(q.shape[-1])
+        T = logits.shape[-1]
+        return logits, torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key")):
         x = args[0] if args else kwargs["hidden_states"]  # Hugging Face BERT-style
         H = module.num_attention_heads
@@ -147,8 +156,8 @@ class StabilityProbe:
                 if type(module).__name__ not in self._warned:
                     self._warned.add(type(module).__name__)
                     warnings.warn(f"attention Z: no logits adapter for {type(module).__name__} "
-                                  "(toolkit attention, nn.MultiheadAttention and BERT-style "
-                                  "query/key modules are supported); attn_z is not reported")
+                                  "(toolkit attention, nn.MultiheadAttention, HF GPT-2 and "
+                                  "BERT-style query/key modules are supported); attn_z is not reported")
                 return
             self.values[key] = softmax_z(*got).detach()
         return hook
