@@ -302,17 +302,19 @@ def tiny_lm():
 def test_monitor_state_resumes_exactly(tmp_path):
     # The toolkit's LanguageModel + TextDataModule resume exactly (data = f(step)), so a
     # resumed run's monitors must log what an uninterrupted run logs.
-    full = monitors()
+    full = monitors(out=str(tmp_path / "full"))
     trainer(20, full, Collect(), enable_checkpointing=False, limit_val_batches=0).fit(*tiny_lm())
-    first = monitors()
+    first = monitors(out=str(tmp_path / "first"))
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(10, first + [ckpt], Collect(), limit_val_batches=0).fit(*tiny_lm())
-    second = monitors()
+    second = monitors(out=str(tmp_path / "second"))
     trainer(20, second, Collect(), enable_checkpointing=False, limit_val_batches=0).fit(
         *tiny_lm(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert [r["step"] for r in second[0].history] == [0, 0, 5, 5, 10, 10, 15, 15]
     for a, b in zip(full[0].history, second[0].history):
         assert a["ratio"] == pytest.approx(b["ratio"], rel=1e-5)
+    with open(tmp_path / "second" / "massive_activations.csv") as f:  # history carried over
+        assert [int(r["step"]) for r in csv.DictReader(f)][::2] == [0, 5, 10, 15]
     assert set(second[2].vectors) == set(full[2].vectors)
     for name, v in full[2].vectors.items():
         torch.testing.assert_close(second[2].vectors[name], v, atol=1e-5, rtol=1e-4)
@@ -373,11 +375,11 @@ class BertLM(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def test_monitor_callbacks_train_an_hf_bert():
+def test_monitor_callbacks_train_an_hf_bert(tmp_path):
     log = Collect()
     data = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(list(zip(data, data)), batch_size=4)
-    trainer(3, monitors(every=2), log, enable_checkpointing=False).fit(BertLM(), loader)
+    trainer(3, monitors(every=2, out=str(tmp_path)), log, enable_checkpointing=False).fit(BertLM(), loader)
     assert sorted(log.rows) == [0, 2]
     row = log.rows[2]
     assert "massive/ratio/layer1" in row and "stability/attn_z/layer1" in row
