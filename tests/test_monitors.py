@@ -97,7 +97,6 @@ def test_auto_layers_on_gpt_and_torch_encoder():
     assert [l.name for l in layers] == ["layers.0", "layers.1"] and layers[0].seq_first
     x = torch.randn(8, 3, 16)  # (T, B, C): the planted token must come back as token 5
     x[5, 1, 3] = 1e4
-    layers[0].module.register_forward_hook  # noqa: B018 (the encoder's own layers)
     enc.layers[0].linear2.weight.data.zero_()
     enc.layers[0].self_attn.out_proj.weight.data.zero_()
     enc.layers[0].norm1 = enc.layers[0].norm2 = nn.Identity()
