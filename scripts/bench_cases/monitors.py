@@ -11,7 +11,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from bench import Bench, case
 
 
-def _fit(steps: int, size: dict, dm, monitors: bool, root: str) -> None:
+class _StepTimes(L.Callback):
+    """Wall time of each training batch, keyed by the step it started at."""
+
+    def __init__(self):
+        self.times, self._t = {}, None
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.times[trainer.global_step - 1] = time.perf_counter() - self._t
+
+
+def _fit(steps: int, size: dict, dm, monitors: bool, root: str, extra_cbs=()) -> None:
     from toolkit import LanguageModel
     from toolkit.monitors import MassiveActivationMonitor, SpectralMonitor, StabilityMonitor
 
@@ -20,6 +33,7 @@ def _fit(steps: int, size: dict, dm, monitors: bool, root: str) -> None:
     # The end-of-fit emergence fit and plots are a one-off cost, timed apart below.
     cbs = [MassiveActivationMonitor(every_n_steps=50, fit=False, plots=False, out_dir=root),
            StabilityMonitor(every_n_steps=50), SpectralMonitor(every_n_steps=50)] if monitors else []
+    cbs += list(extra_cbs)
     L.Trainer(max_steps=steps, callbacks=cbs, logger=TensorBoardLogger(root, name="bench"),
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
               limit_val_batches=0, accelerator="cpu").fit(model, dm)
@@ -42,6 +56,18 @@ def _end_of_fit_cost(n_layer: int, n_points: int = 60) -> float:
     return round(time.perf_counter() - t0, 3)
 
 
+def _in_run_ratio(steps: int, size: dict, dm, root: str) -> float:
+    """Overhead from one monitored run: extra time of the measured batches over the median
+    batch, relative to the whole run. Immune to load drift between runs on a shared machine."""
+    import statistics
+    timer = _StepTimes()
+    _fit(steps, size, dm, True, root, [timer])
+    t = timer.times
+    plain = statistics.median(v for s, v in t.items() if s % 50)
+    extra = sum(v - plain for s, v in t.items() if s % 50 == 0)
+    return round(1 + extra / sum(t.values()), 4)
+
+
 @case("monitor-overhead", target=1.03)
 def monitor_overhead(quick: bool) -> Bench:
     """GPT training with Massive+Stability+Spectral monitors every 50 steps vs none."""
@@ -55,4 +81,6 @@ def monitor_overhead(quick: bool) -> Bench:
                   "no-monitors": lambda: _fit(steps, size, dm, False, root)},
                  extra={"model": f"{size['n_layer']}x{size['n_embd']} GPT, T=64, B=32",
                         "steps": steps, "measured steps": len(range(0, steps, 50)),
-                        "end-of-fit fit+plots (s, one-off)": _end_of_fit_cost(size["n_layer"])})
+                        "end-of-fit fit+plots (s, one-off)": _end_of_fit_cost(size["n_layer"]),
+                        "in-run ratio (measured vs median batch)":
+                            _in_run_ratio(steps, size, dm, root)})
