@@ -1,0 +1,47 @@
+"""Fit the massive-activation emergence law per layer to a saved monitor history.
+
+    python scripts/fit_massive.py runs/massive_activations_lm/version_0/massive_activations.csv
+
+Prints the table (ratio at start/end, top-1 position, A, lambda, gamma, t0, K, R^2) and
+writes ``massive_fit.json``, ``massive_ratio.png`` and ``massive_heatmap.png`` beside the
+CSV (or into ``--out``). Law and fit: :mod:`toolkit.monitors.emergence`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from toolkit.monitors.emergence import fit_history, plot_history, summary_table  # noqa: E402
+from toolkit.monitors.massive import read_history  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("csv", help="massive_activations.csv written by MassiveActivationMonitor")
+    ap.add_argument("--out", default=None, help="folder for the JSON and plots (default: beside the CSV)")
+    ap.add_argument("--min-step", type=int, default=0, help="ignore steps before this one")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    rows = [r for r in read_history(args.csv) if r["step"] >= args.min_step]
+    if not rows:
+        ap.error(f"{args.csv} holds no rows at or after step {args.min_step}")
+    out = Path(args.out or Path(args.csv).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    fits = fit_history(rows)
+    print(summary_table(rows, fits))
+    result = {str(i): asdict(f) for i, f in fits.items()}
+    (out / "massive_fit.json").write_text(json.dumps(result, indent=2))
+    if not args.no_plots:
+        import matplotlib.pyplot as plt
+        for fig in plot_history(rows, fits, out).values():
+            plt.close(fig)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Massive activations (Sun, Chen, Kolter, Liu 2024, "Massive Activations in Large Language
+Models"): a few residual-stream scalars orders of magnitude above the rest, at fixed
+feature dimensions and on the first token or delimiters. Criterion (their Sec. 2):
+|a| > 100 and about 1000x the median |a| of that hidden state.
+
+``activation_stats`` is the pure core on one hidden state; ``massive_activations`` runs a
+model once with temporary hooks on its blocks; ``MassiveActivationMonitor`` does the same
+on the training forward of logging steps and fits the emergence law at the end of fit.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from .base import StepMonitor, log_metrics
+from .layers import Hooks, Layer, call_model, resolve_layers
+
+ABS_THRESHOLD = 100.0
+RATIO_THRESHOLD = 1000.0
+CSV_FIELDS = ("step", "layer", "name", "top1", "median", "ratio", "batch", "token", "dim",
+              "massive")
+
+
+@dataclass
+class ActivationStats:
+    """Top-1 |a| of one block's output, where it sits, and how it compares to the median."""
+    top1: float
+    median: float
+    ratio: float
+    batch: int
+    token: int
+    dim: int
+    top_values: list[float] = field(default_factory=list)
+    top_positions: list[tuple[int, int]] = field(default_factory=list)  # (token, dim)
+    massive: bool = False
+
+
+def activation_stats(h: torch.Tensor, top_k: int = 5, abs_threshold: float = ABS_THRESHOLD,
+                     ratio_threshold: float = RATIO_THRESHOLD) -> ActivationStats:
+    """Statistics of a hidden state ``h`` of shape (B, T, C) (or (T, C)).
+
+    ``massive`` is Sun et al.'s criterion: top-1 |a| > ``abs_threshold`` and at least
+    ``ratio_threshold`` times the median |a|.
+    """
+    if h.ndim == 2:
+        h = h.unsqueeze(0)
+    if h.ndim != 3:
+        raise ValueError(f"hidden state of shape {tuple(h.shape)}: expected (B, T, C)")
+    a = h.detach().abs().float()
+    flat = a.reshape(-1)
+    vals, idx = flat.topk(min(top_k, flat.numel()))
+    median = flat.median().item()
+    T, C = a.shape[1], a.shape[2]
+    pos = [(int(i) // C % T, int(i) % C) for i in idx.tolist()]
+    top1 = vals[0].item()
+    ratio = top1 / max(median, 1e-30)
+    return ActivationStats(top1, median, ratio, int(idx[0]) // (T * C), pos[0][0], pos[0][1],
+                           vals.tolist(), pos, top1 > abs_threshold and ratio >= ratio_threshold)
+
+
+class MassiveProbe:
+    """Forward hooks on residual-stream blocks computing :func:`activation_stats` in place
+    (no hidden state is kept). Only the first call of each block is recorded."""
+
+    def __init__(self, layers: list[Layer], **stats_kw):
+        self.layers, self.stats_kw = layers, stats_kw
+        self.stats: dict[int, ActivationStats] = {}
+
+    def attach(self, hooks: Hooks) -> None:
+        self.stats = {}
+        for i, layer in enumerate(self.layers):
+            hooks.forward(layer.module, self._hook(i, layer))
+
+    def _hook(self, i: int, layer: Layer):
+        def fn(module, args, out):
+            if i not in self.stats:
+                self.stats[i] = activation_stats(layer.hidden(out), **self.stats_kw)
+        return fn
+
+
+@torch.no_grad()
+def massive_activations(model: nn.Module, batch, layers: str | Sequence[str] = "auto",
+                        top_k: int = 5, abs_threshold: float = ABS_THRESHOLD,
+                        ratio_threshold: float = RATIO_THRESHOLD) -> dict[str, ActivationStats]:
+    """Per residual-stream block (module name -> stats) for one forward of ``batch`` in eval mode.
+
+    ``layers="auto"`` takes the largest ``nn.ModuleList`` of blocks (toolkit GPT,
+    ``nn.TransformerEncoder``, Hugging Face models); a list of module names overrides it.
+    """
+    resolved = resolve_layers(model, layers)
+    probe = MassiveProbe(resolved, top_k=top_k, abs_threshold=abs_threshold,
+                         ratio_threshold=ratio_threshold)
+    was_training = model.training
+    model.eval()
+    try:
+        with Hooks() as hooks:
+            probe.attach(hooks)
+            call_model(model, batch)
+    finally:
+        model.train(was_training)
+    return {resolved[i].name: s for i, s in sorted(probe.stats.items())}
+
+
+class MassiveActivationMonitor(StepMonitor):
+    """Logs, per block, the ratio top-1/median |a| and the top-1 |a| every ``every_n_steps``
+    (``massive/ratio/layer{i}``, ``massive/top1/layer{i}``), measured on the training
+    forward of that step. Keeps the history in its checkpoint state, writes it as
+    ``massive_activations.csv`` (after every logging step) and, at the end of fit, fits the emergence law of
+    Gallego-Feliciano et al. (2025) per layer (:mod:`toolkit.monitors.emergence`) with plots.
+
+    ``out_dir`` defaults to the logger's run folder.
+    """
+
+    def __init__(self, every_n_steps: int = 50, layers: str | list[str] = "auto", top_k: int = 5,
+                 abs_threshold: float = ABS_THRESHOLD, ratio_threshold: float = RATIO_THRESHOLD,
+                 fit: bool = True, plots: bool = True, out_dir: str | None = None):
+        super().__init__(every_n_steps)
+        self.layers_arg, self.fit, self.plots, self.out_dir = layers, fit, plots, out_dir
+        self.stats_kw = dict(top_k=top_k, abs_threshold=abs_threshold,
+                             ratio_threshold=ratio_threshold)
+        self.history: list[dict] = []
+        self.fits: dict[int, dict] = {}
+        self._probe: MassiveProbe | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Not in setup: LightningModules may build their model later, in configure_model.
+        self._probe = MassiveProbe(resolve_layers(pl_module, self.layers_arg), **self.stats_kw)
+
+    def start(self, trainer, pl_module, batch) -> None:
+        self._probe.attach(self.hooks)
+
+    def finish(self, trainer, pl_module, step: int) -> None:
+        metrics = {}
+        for i, s in sorted(self._probe.stats.items()):
+            self.history.append({"step": step, "layer": i, "name": self._probe.layers[i].name,
+                                 "top1": s.top1, "median": s.median, "ratio": s.ratio,
+                                 "batch": s.batch, "token": s.token, "dim": s.dim,
+                                 "massive": int(s.massive)})
+            metrics[f"massive/ratio/layer{i}"] = s.ratio
+            metrics[f"massive/top1/layer{i}"] = s.top1
+        if metrics:
+            metrics["massive/ratio/max"] = max(v for k, v in metrics.items() if "/ratio/" in k)
+            log_metrics(trainer, metrics, step)
+        if trainer.is_global_zero:  # rewritten each time (small) so a cut run leaves its CSV
+            self.folder(trainer).mkdir(parents=True, exist_ok=True)
+            write_history(self.history, self.folder(trainer) / "massive_activations.csv")
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "measured_step": self._measured_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])
+        self._measured_step = state_dict.get("measured_step", -1)
+
+    def folder(self, trainer: L.Trainer) -> Path:
+        return Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not self.history:
+            return
+        folder = self.folder(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = write_history(self.history, folder / "massive_activations.csv")
+        if not self.fit:
+            return
+        from .emergence import fit_history, plot_history, summary_table
+        fits = fit_history(self.history)
+        self.fits = {i: asdict(f) for i, f in fits.items()}
+        (folder / "massive_fit.json").write_text(json.dumps(
+            {str(i): f for i, f in self.fits.items()}, indent=2))
+        last = self.history[-1]["step"]
+        log_metrics(trainer, {f"massive/fit_r2/layer{i}": f.r2 for i, f in fits.items()
+                              if f.r2 == f.r2}, last)
+        print(f"massive activations: history in {path}\n{summary_table(self.history, fits)}",
+              flush=True)
+        if self.plots:
+            figs = plot_history(self.history, fits, folder)
+            for logger in trainer.loggers:  # TensorBoard gets the figures too
+                add = getattr(getattr(logger, "experiment", None), "add_figure", None)
+                if add is not None:
+                    for name, fig in figs.items():
+                        add(f"massive/{name}", fig, global_step=last, close=False)
+            import matplotlib.pyplot as plt
+            for fig in figs.values():
+                plt.close(fig)
+
+
+def write_history(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
+    return path
+
+
+def read_history(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no history at {path}: MassiveActivationMonitor writes "
+                                "massive_activations.csv into the run folder at the end of fit")
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    missing = [k for k in ("step", "layer", "ratio") if rows and k not in rows[0]]
+    if missing:
+        raise ValueError(f"{path} lacks columns {missing}; expected {CSV_FIELDS}")
+    ints = ("step", "layer", "batch", "token", "dim", "massive")
+    return [{k: (int(v) if k in ints else float(v) if k != "name" else v) for k, v in r.items()}
+            for r in rows]

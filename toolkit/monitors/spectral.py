@@ -1,0 +1,108 @@
+"""Spectral condition for feature learning (Yang, Simon, Bernstein 2023, "A Spectral
+Condition for Feature Learning", Condition 1): for a hidden weight matrix W of shape
+(fan_out, fan_in), ||W||_2 and ||dW||_2 should be Theta(sqrt(fan_out / fan_in)).
+
+``SpectralMonitor`` logs both ratios (norm / sqrt(fan_out/fan_in)) for every hidden
+matrix on logging steps; dW is the change since the previous logging step. Spectral
+norms come from power iteration warm-started with the vectors of the previous logging
+step, so a few iterations per matrix track a slowly moving top singular pair.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from optimizers import classify_parameters
+
+from .base import StepMonitor, log_metrics
+
+
+@torch.no_grad()
+def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int = 10,
+                    tol: float = 0.0, generator: torch.Generator | None = None
+                    ) -> tuple[float, torch.Tensor]:
+    """Largest singular value of ``W`` (viewed as fan_out x fan_in) and its right vector.
+
+    ``v`` warm-starts the iteration; ``tol`` > 0 stops early once the estimate changes
+    by less than ``tol`` relative to itself.
+    """
+    M = W.detach().reshape(W.shape[0], -1).float()
+    if v is None:
+        v = torch.randn(M.shape[1], generator=generator, device=M.device)
+    v = v.to(M.device, torch.float32)
+    v = v / v.norm().clamp_min(1e-30)
+    sigma = 0.0
+    for _ in range(iters):
+        u = M @ v
+        u = u / u.norm().clamp_min(1e-30)
+        w = M.T @ u
+        new = w.norm().item()
+        v = w / max(new, 1e-30) if new > 0 else v
+        done = tol > 0 and abs(new - sigma) <= tol * max(new, 1e-30)
+        sigma = new
+        if done:
+            break
+    return sigma, v
+
+
+def spectral_scale(W: torch.Tensor) -> float:
+    """sqrt(fan_out / fan_in) of a (fan_out, fan_in, *kernel) weight."""
+    return math.sqrt(W.shape[0] / (W[0].numel()))
+
+
+class SpectralMonitor(StepMonitor):
+    """Logs ``spectral/W/<param>`` = ||W||_2 / sqrt(fan_out/fan_in) and ``spectral/dW/<param>``
+    (the update since the last logging step) for every hidden matrix (the optimizer
+    factory's ``hidden`` kind), plus their ``mean``/``max``. Power-iteration vectors and
+    the previous weights live in the checkpoint state, so a resumed run continues exactly."""
+
+    def __init__(self, every_n_steps: int = 50, iters: int = 5, seed: int = 0):
+        super().__init__(every_n_steps)
+        self.iters, self.seed = iters, seed
+        self.vectors: dict[str, torch.Tensor] = {}
+        self.previous: dict[str, torch.Tensor] = {}
+        self.last: dict[str, float] = {}
+
+    def _vector(self, key: str, M: torch.Tensor) -> torch.Tensor:
+        if key not in self.vectors:
+            g = torch.Generator().manual_seed(self.seed + len(self.vectors))
+            self.vectors[key] = torch.randn(M[0].numel(), generator=g)
+        return self.vectors[key]
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, p in classify_parameters(model)["hidden"]:
+            W = p.detach()
+            scale = spectral_scale(W)
+            sigma, self.vectors[name] = power_iteration(W, self._vector(name, W), self.iters)
+            out[f"W/{name}"] = sigma / scale
+            if name in self.previous:
+                dW = W - self.previous[name].to(W.device)
+                key = f"dW:{name}"
+                sigma, self.vectors[key] = power_iteration(dW, self._vector(key, dW), self.iters)
+                out[f"dW/{name}"] = sigma / scale
+            self.previous[name] = W.detach().to("cpu", copy=True)
+        for kind in ("W", "dW"):
+            vals = [v for k, v in out.items() if k.startswith(kind + "/")]
+            if vals:
+                out[f"{kind}/mean"], out[f"{kind}/max"] = sum(vals) / len(vals), max(vals)
+        return out
+
+    def start(self, trainer, pl_module, batch) -> None:
+        # Weights as the optimizer left them after ``global_step`` updates.
+        self.last = self.measure(pl_module)
+
+    def finish(self, trainer, pl_module, step: int) -> None:
+        log_metrics(trainer, {f"spectral/{k}": v for k, v in self.last.items()}, step)
+
+    def state_dict(self) -> dict:
+        return {"vectors": dict(self.vectors), "previous": dict(self.previous),
+                "measured_step": self._measured_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.vectors = dict(state_dict["vectors"])
+        self.previous = dict(state_dict["previous"])
+        self._measured_step = state_dict.get("measured_step", -1)
