@@ -33,23 +33,26 @@ def run_one(recipe: str, seed: int, overrides: list[str], runs_root: str) -> dic
                      run_name=f"{Path(recipe).stem}/seed{seed}")
     t0 = time.time()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     res = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     return {"test_acc": float(res["test/acc"]), "test_loss": float(res["test/loss"]),
+            "val_acc": val.get("val/acc", float("nan")), "val_loss": val.get("val/loss", float("nan")),
             "train_s": time.time() - t0, "steps": int(cli.trainer.global_step)}
 
 
 def summarize(results: dict[str, dict[str, dict]], recipes: list[str]) -> str:
-    lines = ["| recipe | seeds | test acc (%) mean ± std | test loss mean ± std |",
-             "|---|---|---|---|"]
+    lines = ["| recipe | seeds | test acc (%) mean ± std | test loss mean ± std | val acc (%) |",
+             "|---|---|---|---|---|"]
     for r in recipes:
         runs = list(results.get(Path(r).stem, {}).values())
         if not runs:
             continue
         acc = [100 * x["test_acc"] for x in runs]
         loss = [x["test_loss"] for x in runs]
+        val = [100 * x.get("val_acc", float("nan")) for x in runs]
         sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")
         lines.append(f"| {Path(r).stem} | {len(runs)} | {statistics.mean(acc):.2f} ± {sd(acc):.2f} "
-                     f"| {statistics.mean(loss):.4f} ± {sd(loss):.4f} |")
+                     f"| {statistics.mean(loss):.4f} ± {sd(loss):.4f} | {statistics.mean(val):.2f} |")
     return "\n".join(lines)
 
 
