@@ -1,4 +1,10 @@
 """Regularizers: pure functional cores plus thin Lightning callbacks."""
 from .dp import DPSGD
+from .kmixup import assignment, kmixup_batch, kmixup_partners, mixup_batch, pairwise_cost
+from .langevin import IterateAveraging, LangevinNoise
+from .mixing import KMixup, Mixup
+from .noise import add_langevin_noise_
 
-__all__: list[str] = ["DPSGD"]
+__all__: list[str] = ["DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "Mixup",
+                      "add_langevin_noise_", "assignment", "kmixup_batch", "kmixup_partners",
+                      "mixup_batch", "pairwise_cost"]

@@ -1,0 +1,74 @@
+"""``LangevinNoise``: a callback adding Langevin noise after every optimizer step (noise.py)."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+from .mixing import _seed_for, global_seed
+from .noise import add_langevin_noise_
+
+
+class LangevinNoise(L.Callback):
+    """After each optimizer step add sqrt(2 * lr * T) * xi to the parameters, with the lr each
+    param group had for that step (a post-step hook on the optimizer, so it holds for any
+    optimizer, lr schedule and for manual optimization; steps skipped by AMP add no noise).
+
+    The noise of step t is drawn from a generator seeded with (seed, t): it is the same on
+    every DDP rank (replicas stay identical), reproducible from the seed (None: the
+    ``seed_everything`` seed), and the step counter in ``state_dict`` makes a resumed run
+    continue the same noise sequence.
+
+    Iterate averaging: add Lightning's weight averaging callback beside this one, e.g.
+    ``lightning.pytorch.callbacks.WeightAveraging`` (equal-weight average of all iterates,
+    swapped in for validation/test and copied into the model at fit end), or
+    :class:`IterateAveraging` below to start averaging after a burn-in.
+    """
+
+    def __init__(self, temperature: float = 1e-6, seed: int | None = None):
+        super().__init__()
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        self.temperature, self.seed, self.steps = temperature, seed, 0
+        self._handles: list = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._seed = global_seed(self.seed)
+        self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        device = next(p.device for g in optimizer.param_groups for p in g["params"])
+        gen = torch.Generator(device=device).manual_seed(_seed_for(self._seed, self.steps))
+        add_langevin_noise_(optimizer.param_groups, self.temperature, gen)
+        self.steps += 1
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._remove()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._remove()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "temperature": self.temperature}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = state_dict["steps"]
+
+
+class IterateAveraging(WeightAveraging):
+    """Lightning's ``WeightAveraging`` (equal weights, SWA-style) started after ``start_step``
+    optimizer steps, so the burn-in of a Langevin run is left out of the average."""
+
+    def __init__(self, start_step: int = 0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.start_step = start_step
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx >= self.start_step

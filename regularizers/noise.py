@@ -1,0 +1,32 @@
+"""Langevin noise for any optimizer: theta <- theta + sqrt(2 * lr * T) * xi. Pure torch.
+
+Unadjusted Langevin / noisy gradient descent (and its mean-field form, MFLD):
+theta_{t+1} = theta_t - lr * grad L(theta_t) + sqrt(2 * lr * T) * xi_t, xi_t ~ N(0, I),
+whose stationary law approximates the Gibbs measure exp(-L(theta) / T). Adding the noise
+after the optimizer's own step, with each param group's lr, makes any optimizer's update
+the drift ("Improved high-dimensional estimation with Langevin dynamics and stochastic
+weight averaging" pairs it with iterate averaging).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def add_langevin_noise_(param_groups, temperature: float, generator: torch.Generator) -> None:
+    """Add sqrt(2 * group["lr"] * temperature) * N(0, I) to every parameter of every group,
+    in place, drawing from ``generator`` (whose device must be the parameters')."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    for group in param_groups:
+        lr = float(group["lr"])
+        if lr < 0:
+            raise ValueError(f"param group lr={lr} is negative")
+        std = math.sqrt(2.0 * lr * temperature)
+        if std == 0.0:
+            continue
+        for p in group["params"]:
+            xi = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+            p.add_(xi, alpha=std)
