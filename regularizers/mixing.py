@@ -55,6 +55,8 @@ class KMixup(L.Callback):
         input_key / target_key: dict batches; default: the first of the usual names.
     """
 
+    mixes_batch = True  # DP-SGD refuses to run beside callbacks that mix examples
+
     def __init__(self, k: int = 16, alpha: float = 1.0, num_classes: int | None = None,
                  cost: str = "sqeuclidean", feature_layer: str | None = None,
                  seed: int | None = None, solver: str = "lsa", input_key: str | None = None,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from regularizers import DPSGD
+from regularizers import DPSGD, KMixup, Mixup
 from regularizers.dp import PrivacyError, epsilon
 from toolkit import Classifier, ImageDataModule
 
@@ -122,10 +122,6 @@ def test_resume_from_non_private_checkpoint_is_refused(tiny_mnist, tmp_path):
                                         ckpt_path=str(tmp_path / "last.ckpt"))
 
 
-class KMixup(L.Callback):  # stands in for regularizers' k-mixup (matched by class name)
-    pass
-
-
 class Marked(L.Callback):
     mixes_batch = True
 
@@ -133,6 +129,7 @@ class Marked(L.Callback):
 @pytest.mark.parametrize("case,match", [
     ("batchnorm", "GroupNorm"),
     ("kmixup", "mix examples"),
+    ("mixup", "mix examples"),
     ("marked", "mix examples"),
     ("accumulate", "raise data.batch_size"),
     ("clip", "max_grad_norm"),
@@ -142,7 +139,8 @@ class Marked(L.Callback):
 def test_refusals_name_the_fix(tiny_mnist, case, match):
     dp = DPSGD(noise_multiplier=1.0, delta=1e-2 if case == "delta" else 1e-5)
     m = model(arch="cnn", norm="batch", width=4) if case == "batchnorm" else model()
-    cbs = [dp] + ([KMixup()] if case == "kmixup" else []) + ([Marked()] if case == "marked" else [])
+    extra = {"kmixup": [KMixup(k=4)], "mixup": [Mixup()], "marked": [Marked()]}.get(case, [])
+    cbs = [dp] + extra
     kw = {"accumulate": {"accumulate_grad_batches": 2}, "clip": {"gradient_clip_val": 1.0}}.get(case, {})
     dm = data(tiny_mnist)
     if case == "iterable":
