@@ -89,10 +89,10 @@ def orthogonalize_many(mats: list[torch.Tensor], steps: int = 5,
     local = _batched([mats[i] for i in mine], steps)
     sizes = [sum(mats[i].numel() for i, o in enumerate(owner) if o == r) for r in range(world)]
     dev = mats[0].device
-    # bf16 travels as int16 so every backend (gloo included) moves it bit for bit.
-    send = torch.zeros(max(sizes), dtype=torch.int16, device=dev)
+    # bf16 travels as raw bytes so every backend (gloo has no bf16) moves it bit for bit.
+    send = torch.zeros(2 * max(sizes), dtype=torch.uint8, device=dev)
     if local:
-        flat = torch.cat([t.reshape(-1) for t in local]).view(torch.int16)
+        flat = torch.cat([t.reshape(-1) for t in local]).view(torch.uint8)
         send[:flat.numel()] = flat
     recv = [torch.empty_like(send) for _ in range(world)]
     dist.all_gather(recv, send)
@@ -100,6 +100,6 @@ def orthogonalize_many(mats: list[torch.Tensor], steps: int = 5,
     offsets = [0] * world
     for i, m in enumerate(mats):
         r, n = owner[i], m.numel()
-        out[i] = recv[r][offsets[r]:offsets[r] + n].view(torch.bfloat16).view(m.shape)
+        out[i] = recv[r][2 * offsets[r]:2 * (offsets[r] + n)].view(torch.bfloat16).view(m.shape)
         offsets[r] += n
     return out  # type: ignore[return-value]
