@@ -49,6 +49,9 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
+# Case modules do `from bench import case`; run as a script this module is __main__, so
+# alias it to keep one registry.
+sys.modules.setdefault("bench", sys.modules[__name__])
 
 
 def case(name: str, target: float | None = None):

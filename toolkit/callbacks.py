@@ -6,7 +6,10 @@ import time
 from typing import Any
 
 import lightning as L
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+import random
+
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import ProgressBar
 
 
@@ -15,7 +18,10 @@ class RNGState(L.Callback):
     continue exactly on resume (Lightning restores weights and loops, not RNGs)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _collect_rng_states(include_cuda=False)}
+        # Plain tensors/ints only, so checkpoints load with torch.load(weights_only=True).
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {"rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["rng"]
@@ -24,7 +30,10 @@ class RNGState(L.Callback):
         # Restored states are applied here, after anything that re-seeds during setup.
         pending = getattr(self, "_pending", None)
         if pending is not None:
-            _set_rng_states(pending)
+            torch.set_rng_state(pending["torch"])
+            random.setstate(pending["python"])
+            name, keys, pos, has_gauss, gauss = pending["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             self._pending = None
 
 
@@ -48,7 +57,7 @@ class PlainProgress(ProgressBar):
         metrics = {k: v for k, v in self.get_metrics(trainer, trainer.lightning_module).items()
                    if k != "v_num"}
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        total = trainer.max_steps if trainer.max_steps > 0 else "?"
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         print(f"[{time.time() - self._t0:7.1f}s] epoch {trainer.current_epoch} step "
               f"{trainer.global_step}/{total} {what} {shown}", file=sys.stdout, flush=True)
 

@@ -77,22 +77,34 @@ class ToolkitCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
         config = dict(config)
-        cbs = list(config.get("callbacks") or []) + list(callbacks)
-        have = lambda t: any(isinstance(c, t) for c in cbs)
         if config.get("logger") in (None, True):
             config["logger"] = TensorBoardLogger(self.runs_root, name=self.run_name,
                                                  version=self._resume_version,
                                                  default_hp_metric=False)
-        if config.get("enable_checkpointing", True) is not False and not have(ModelCheckpoint):
-            cbs.append(ModelCheckpoint(save_last=True))
-        if config.get("logger") is not False and not have(LearningRateMonitor):
-            cbs.append(LearningRateMonitor(logging_interval="step"))
-        if not have(RNGState):
-            cbs.append(RNGState())
-        if config.get("enable_progress_bar", True) is not False and not have(ProgressBar):
-            cbs.append(RichProgressBar() if sys.stdout.isatty() else PlainProgress())
-        config["callbacks"] = [c for c in cbs if c not in callbacks]
+        config["callbacks"] = default_callbacks(config, list(config.get("callbacks") or []) + callbacks)
+        config["callbacks"] = [c for c in config["callbacks"] if c not in callbacks]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def default_callbacks(trainer_kwargs: dict[str, Any], callbacks: list[Callback]) -> list[Callback]:
+    """``callbacks`` plus the toolkit defaults whose type is not already among them."""
+    cbs = list(callbacks)
+    have = lambda t: any(isinstance(c, t) for c in cbs)
+    if trainer_kwargs.get("enable_checkpointing", True) is not False and not have(ModelCheckpoint):
+        cbs.append(ModelCheckpoint(save_last=True))
+    if trainer_kwargs.get("logger", True) is not False and not have(LearningRateMonitor):
+        cbs.append(LearningRateMonitor(logging_interval="step"))
+    if not have(RNGState):
+        cbs.append(RNGState())
+    if trainer_kwargs.get("enable_progress_bar", True) is not False and not have(ProgressBar):
+        cbs.append(RichProgressBar() if sys.stdout.isatty() else PlainProgress())
+    return cbs
+
+
+def trainer(**kwargs: Any) -> L.Trainer:
+    """A ``lightning.Trainer`` with the toolkit's default callbacks (for use without the CLI)."""
+    kwargs["callbacks"] = default_callbacks(kwargs, list(kwargs.get("callbacks") or []))
+    return L.Trainer(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

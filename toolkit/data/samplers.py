@@ -21,9 +21,11 @@ class ResumableSampler(DistributedSampler):
                  seed: int = 0, shuffle: bool = True, skip_batches: int = 0):
         self.n, self.batch_size, self.world, self.r = num_samples, batch_size, num_replicas, rank
         self.num_replicas, self.rank = num_replicas, rank
-        self.seed, self.shuffle, self.epoch, self.skip = seed, shuffle, 0, skip_batches
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
         self.num_batches = num_samples // (batch_size * num_replicas)
         self.drop_last = True
+        # A checkpoint taken after an epoch's last batch resumes at the next epoch's start.
+        self.skip = skip_batches if skip_batches < self.num_batches else 0
         self.num_samples = self.num_batches * batch_size  # per rank, as in DistributedSampler
         if self.num_batches == 0:
             raise ValueError(f"{num_samples} samples cannot fill one global batch of "
@@ -33,13 +35,19 @@ class ResumableSampler(DistributedSampler):
         self.epoch = epoch
 
     def __iter__(self):
+        # Read the skip here, not inside the generator: Lightning may create an iterator it
+        # never advances (a resume exactly at an epoch's end), and the skip must not leak
+        # into the next epoch.
+        skip, self.skip = self.skip, 0
+        return self._indices(skip)
+
+    def _indices(self, skip: int):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             perm = torch.randperm(self.n, generator=g)
         else:
             perm = torch.arange(self.n)
         B, W = self.batch_size, self.world
-        skip, self.skip = self.skip, 0
         for b in range(skip, self.num_batches):
             start = b * B * W + self.r * B
             yield from perm[start:start + B].tolist()
@@ -50,9 +58,13 @@ class ResumableSampler(DistributedSampler):
 
 def trainer_position(module) -> tuple[int, int, int, int]:
     """(world_size, rank, batches done this epoch, batches done in total) of the
-    module's trainer; zeros and world 1 when no trainer is attached."""
+    module's trainer; zeros and world 1 when no trainer is attached.
+
+    Counts ``processed`` batches: a checkpoint written in ``on_train_batch_end`` holds
+    ``completed = processed - 1`` and Lightning only bumps it after the loaders exist.
+    """
     trainer = getattr(module, "trainer", None)
     if trainer is None:
         return 1, 0, 0, 0
     progress = trainer.fit_loop.epoch_loop.batch_progress
-    return trainer.world_size, trainer.global_rank, progress.current.completed, progress.total.completed
+    return trainer.world_size, trainer.global_rank, progress.current.processed, progress.total.processed

@@ -1,0 +1,79 @@
+"""The CLI: every recipe parses and runs, defaults are present, recipes listed, resume."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from toolkit.cli import RECIPES, list_recipes, main
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL = sorted(RECIPES.glob("*.yaml"))
+
+
+def data_overrides(recipe: Path, mnist: Path) -> list[str]:
+    data = yaml.safe_load(recipe.read_text()).get("data", {})
+    return ["--data.root", str(mnist)] if "root" in data.get("init_args", {}) else []
+
+
+@pytest.mark.parametrize("recipe", ALL, ids=lambda p: p.stem)
+def test_recipe_prints_config(recipe, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert e.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["class_path"] and cfg["data"]["class_path"]
+
+
+@pytest.mark.parametrize("recipe", ALL, ids=lambda p: p.stem)
+def test_recipe_runs_two_steps(recipe, monkeypatch, tmp_path):
+    from tests.conftest import MNIST
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(recipe), "--trainer.fast_dev_run", "2",
+          *data_overrides(recipe, MNIST)])
+
+
+def test_recipe_headers_are_listed():
+    out = list_recipes()
+    for recipe in ALL:
+        line = next(l for l in out.splitlines() if l.split()[0] == recipe.stem)
+        assert len(line.split(None, 1)[1]) > 20, f"{recipe.name} lacks a header comment"
+    run = subprocess.run([sys.executable, "-m", "toolkit", "recipes"], capture_output=True,
+                         text=True, cwd=ROOT, check=True)
+    assert "quickstart" in run.stdout
+
+
+def test_defaults_logs_checkpoint_config_and_resume_last(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    quick = ["fit", "--config", str(RECIPES / "quickstart.yaml"), "--model.n_layer", "1",
+             "--model.n_embd", "16", "--model.n_head", "2", "--data.batch_size", "4",
+             "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1"]
+    main(quick + ["--trainer.max_steps", "3", "--trainer.callbacks+=EarlyStopping",
+                  "--trainer.callbacks.monitor=train/loss", "--trainer.callbacks.patience=100"])
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (run / "config.yaml").is_file(), "resolved config not saved"
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 3
+    # a recipe/command-line callback is added next to the defaults, not instead of them
+    assert {"RNGState", "EarlyStopping", "ModelCheckpoint"} <= {k.split("{")[0] for k in ckpt["callbacks"]}
+    # Resume: continues the same run folder up to the new budget.
+    main(quick + ["--trainer.max_steps", "6", "--ckpt_path", "last"])
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    assert not (tmp_path / "runs" / "quickstart" / "version_1").exists()
+    main(["validate"] + quick[1:] + ["--ckpt_path", "last"])
+
+
+def test_recipe_callbacks_keep_the_defaults(monkeypatch, tmp_path):
+    from lightning.pytorch.callbacks import (EarlyStopping, LearningRateMonitor, ModelCheckpoint,
+                                             ProgressBar)
+    from toolkit.cli import default_callbacks
+    cbs = default_callbacks({}, [EarlyStopping(monitor="val/loss")])
+    for t in (EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar):
+        assert sum(isinstance(c, t) for c in cbs) == 1
+    own = ModelCheckpoint(monitor="val/loss")
+    assert [c for c in default_callbacks({}, [own]) if isinstance(c, ModelCheckpoint)] == [own]
