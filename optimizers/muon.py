@@ -34,6 +34,7 @@ from .factory import register
 from .newton_schulz import as_matrix, orthogonalize_many
 
 ADJUST_LR = ("original", "match_rms_adamw")
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def adjusted_ratio(shape: torch.Size, adjust_lr: str) -> float:
@@ -85,6 +86,9 @@ class Muon(torch.optim.Optimizer):
         momentum, nesterov, ns_steps: Muon's momentum and Newton-Schulz iterations.
         weight_decay: decoupled decay ``W <- (1 - lr*wd) W`` (groups may override).
         adjust_lr: ``"original"`` or ``"match_rms_adamw"`` (torch.optim.Muon's adjust_lr_fn).
+        ns_dtype: ``"bfloat16"`` (the reference iteration, bitwise) or ``"float32"`` (the same
+            quintic in fp32: ~5x faster on CPUs without bf16 matmul units, and closer to
+            the exact iteration; matches the reference to bf16 tolerance).
         adam_lr: lr of the AdamW groups; default ``lr`` with ``match_rms_adamw`` (that is
             its point), else the reference package's 3e-4.
         betas, eps: the AdamW groups' (reference defaults (0.9, 0.95), 1e-10).
@@ -93,7 +97,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0, adjust_lr: str = "original",
                  adam_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-10):
+                 eps: float = 1e-10, ns_dtype: str = "bfloat16"):
         if lr < 0 or (adam_lr is not None and adam_lr < 0):
             raise ValueError(f"learning rates must be >= 0, got lr={lr}, adam_lr={adam_lr}")
         if not 0 <= momentum < 1:
@@ -101,6 +105,8 @@ class Muon(torch.optim.Optimizer):
         if ns_steps < 1:
             raise ValueError(f"ns_steps must be >= 1, got {ns_steps}")
         adjusted_ratio(torch.Size([1, 1]), adjust_lr)  # validates the name
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype={ns_dtype!r} is not one of {sorted(NS_DTYPES)}")
         if adam_lr is None:
             adam_lr = lr if adjust_lr == "match_rms_adamw" else 3e-4
         groups = _split_params(params)
@@ -115,7 +121,7 @@ class Muon(torch.optim.Optimizer):
                                      "filters), put vectors in a use_muon=False group")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, betas=tuple(betas),
-                        eps=eps)
+                        eps=eps, ns_dtype=ns_dtype)
         super().__init__(groups, defaults)
         self._check_not_sharded()
 
@@ -172,10 +178,13 @@ class Muon(torch.optim.Optimizer):
     def directions(self, entries: list[tuple[dict, torch.Tensor, torch.Tensor]]
                    ) -> list[torch.Tensor]:
         """Orthogonalized momentum of each matrix (all groups batched together)."""
-        steps = {g["ns_steps"] for g, _, _ in entries}
-        if len(steps) == 1:
-            return orthogonalize_many([as_matrix(u) for _, _, u in entries], steps.pop())
-        return [orthogonalize_many([as_matrix(u)], g["ns_steps"])[0] for g, _, u in entries]
+        kinds = {(g["ns_steps"], g["ns_dtype"]) for g, _, _ in entries}
+        if len(kinds) == 1:
+            steps, dtype = kinds.pop()
+            return orthogonalize_many([as_matrix(u) for _, _, u in entries], steps,
+                                      dtype=NS_DTYPES[dtype])
+        return [orthogonalize_many([as_matrix(u)], g["ns_steps"], dtype=NS_DTYPES[g["ns_dtype"]])[0]
+                for g, _, u in entries]
 
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         lr, mode = group["lr"], group["adjust_lr"]

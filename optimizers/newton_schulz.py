@@ -29,9 +29,26 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.ndim > 2 else t
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """NS_steps(g) ~ U S' V^T with S' in about [0.68, 1.21] (bf16, the reference iteration)."""
-    return zeropower_via_newtonschulz5(as_matrix(g), steps)
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
+                  ) -> torch.Tensor:
+    """NS_steps(g) ~ U S' V^T with S' in about [0.68, 1.21] (bf16: the reference iteration)."""
+    return _ns(as_matrix(g), steps, dtype)
+
+
+def _ns(x: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bfloat16:
+        return zeropower_via_newtonschulz5(x, steps)
+    # The same quintic in a wider dtype, for CPUs without fast bf16 matmuls (there fp32 is
+    # ~5x faster than bf16); it is closer to the exact iteration than the bf16 reference.
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = x.size(-2) > x.size(-1)
+    x = x.to(dtype)
+    x = x.mT if tall else x
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * (A @ A)) @ x
+    return x.mT if tall else x
 
 
 def distributed_world() -> tuple[int, int]:
@@ -57,7 +74,8 @@ def _owners(shapes: list[torch.Size], world: int) -> list[int]:
     return owner
 
 
-def _batched(mats: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+def _batched(mats: list[torch.Tensor], steps: int, dtype: torch.dtype = torch.bfloat16
+             ) -> list[torch.Tensor]:
     """NS of each matrix, same-shape matrices stacked into one batched call."""
     out: list[torch.Tensor | None] = [None] * len(mats)
     buckets: dict[tuple, list[int]] = defaultdict(list)
@@ -65,17 +83,18 @@ def _batched(mats: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
         buckets[(tuple(m.shape), m.device)].append(i)
     for idx in buckets.values():
         if len(idx) == 1:
-            out[idx[0]] = zeropower_via_newtonschulz5(mats[idx[0]], steps)
+            out[idx[0]] = _ns(mats[idx[0]], steps, dtype)
             continue
-        res = zeropower_via_newtonschulz5(torch.stack([mats[i] for i in idx]), steps)
+        res = _ns(torch.stack([mats[i] for i in idx]), steps, dtype)
         for j, i in enumerate(idx):
             out[i] = res[j]
     return out  # type: ignore[return-value]
 
 
 def orthogonalize_many(mats: list[torch.Tensor], steps: int = 5,
-                       distributed: bool | None = None) -> list[torch.Tensor]:
-    """NS of every 2D tensor in ``mats`` (bf16 results, same order).
+                       distributed: bool | None = None, dtype: torch.dtype = torch.bfloat16
+                       ) -> list[torch.Tensor]:
+    """NS of every 2D tensor in ``mats`` (results in ``dtype``, same order).
 
     ``distributed=None`` splits the work whenever a process group of size > 1 exists.
     All ranks must call this with matrices of the same shapes in the same order (true
@@ -83,14 +102,15 @@ def orthogonalize_many(mats: list[torch.Tensor], steps: int = 5,
     """
     rank, world = distributed_world()
     if distributed is False or world == 1 or len(mats) == 0:
-        return _batched(mats, steps)
+        return _batched(mats, steps, dtype)
     owner = _owners([m.shape for m in mats], world)
     mine = [i for i, o in enumerate(owner) if o == rank]
-    local = _batched([mats[i] for i in mine], steps)
+    local = _batched([mats[i] for i in mine], steps, dtype)
     sizes = [sum(mats[i].numel() for i, o in enumerate(owner) if o == r) for r in range(world)]
     dev = mats[0].device
-    # bf16 travels as raw bytes so every backend (gloo has no bf16) moves it bit for bit.
-    send = torch.zeros(2 * max(sizes), dtype=torch.uint8, device=dev)
+    # Results travel as raw bytes so every backend (gloo has no bf16) moves them bit for bit.
+    width = torch.empty((), dtype=dtype).element_size()
+    send = torch.zeros(width * max(sizes), dtype=torch.uint8, device=dev)
     if local:
         flat = torch.cat([t.reshape(-1) for t in local]).view(torch.uint8)
         send[:flat.numel()] = flat
@@ -100,6 +120,6 @@ def orthogonalize_many(mats: list[torch.Tensor], steps: int = 5,
     offsets = [0] * world
     for i, m in enumerate(mats):
         r, n = owner[i], m.numel()
-        out[i] = recv[r][2 * offsets[r]:2 * (offsets[r] + n)].view(torch.bfloat16).view(m.shape)
+        out[i] = recv[r][width * offsets[r]:width * (offsets[r] + n)].view(dtype).view(m.shape)
         offsets[r] += n
     return out  # type: ignore[return-value]

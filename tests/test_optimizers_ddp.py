@@ -39,7 +39,7 @@ def _worker(rank, world, store, out):
         torch.save(ns, f"{out}.ns")
     counted = []
     real = newton_schulz._batched
-    newton_schulz._batched = lambda mats, steps: counted.append(len(mats)) or real(mats, steps)
+    newton_schulz._batched = lambda mats, *a: counted.append(len(mats)) or real(mats, *a)
     model = _model()
     ddp = DDP(model)
     opt = _build(model)
