@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
 def crossing(curve: list[dict], target: float, key: str) -> float | None:
     """First ``key`` value (step or train_s) where val loss <= target, interpolated."""
     prev = None
-    for pt in curve:
+    for pt in (p for p in curve if math.isfinite(p["val_loss"])):
         if pt["val_loss"] <= target:
             if prev is None:
                 return pt[key]

@@ -37,6 +37,16 @@ class Recorder(L.Callback):
     def __init__(self, spectral: bool):
         self.spectral, self.curve, self.train_s, self._t = spectral, [], 0.0, None
 
+    def on_train_start(self, trainer, pl_module):
+        if self.spectral:  # the band at initialization, before any update
+            self.curve.append({"step": 0, "val_loss": math.nan, "train_s": 0.0,
+                               "spectral": self._band(pl_module)})
+
+    @staticmethod
+    def _band(pl_module) -> dict:
+        r = list(hidden_spectral_ratios(pl_module.model).values())
+        return {"min": min(r), "median": sorted(r)[len(r) // 2], "max": max(r)}
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._t = time.perf_counter()
 
@@ -49,8 +59,7 @@ class Recorder(L.Callback):
         point = {"step": trainer.global_step, "val_loss": float(pl_module.val_loss.compute()),
                  "train_s": round(self.train_s, 2)}
         if self.spectral:
-            r = list(hidden_spectral_ratios(pl_module.model).values())
-            point["spectral"] = {"min": min(r), "median": sorted(r)[len(r) // 2], "max": max(r)}
+            point["spectral"] = self._band(pl_module)
         self.curve.append(point)
 
 
