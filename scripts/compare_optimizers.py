@@ -8,7 +8,7 @@ Reads each folder's ``results.json`` (from scripts/lr_sweep.py), takes each opti
 best run (lowest final validation loss), and reports, against the reference optimizer's
 best final loss L: the first step where another optimizer's validation loss reaches L
 (linear interpolation between validation points) as a fraction of the budget, and the same
-for training wall-clock. Writes ``OUT.md``, ``OUT_curves.png`` (val loss vs step) and, for
+for training wall-clock (only meaningful when the runs shared the machine alike). Writes ``OUT.md``, ``OUT_curves.png`` (val loss vs step) and, for
 runs recorded with ``--track-spectral``, ``OUT_spectral.png`` (min/max over hidden matrices
 of ||W||_2 / sqrt(fan_out/fan_in) vs step).
 """
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         s, t = crossing(b["curve"], target, "step"), crossing(b["curve"], target, "train_s")
         s_txt = "not reached" if s is None else f"{s:.0f} ({s / b['steps']:.2f}x)"
         t_txt = ("not reached" if t is None else
-                 f"{t:.0f}s ({t / b['curve'][-1]['train_s']:.2f}x of its run)")
+                 f"{t:.0f}s ({t / ref['curve'][-1]['train_s']:.2f}x of the reference's)")
         lines.append(f"| {name} (lr {b['lr']:g}) | {tried} | {b['final_val_loss']:.4f} | {s_txt} | "
                      f"{t_txt} |")
     md = "\n".join(lines) + "\n"
