@@ -2,6 +2,11 @@
 from .factory import (OPTIMIZERS, build_optimizer, classify_parameters, param_groups,
                       register)
 from .schedules import lr_factor, warmup_decay
+from .muon import Muon
+from .hyperp import HyperSphere
+from .muonpp import MuonPlusPlus
+from .auon import AuON, HybridAuON
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "classify_parameters", "param_groups", "register",
-           "lr_factor", "warmup_decay"]
+           "lr_factor", "warmup_decay", "Muon", "HyperSphere", "MuonPlusPlus", "AuON",
+           "HybridAuON"]

@@ -1,0 +1,61 @@
+"""AuON and Hybrid-AuON (Maity 2025, "AuON: A Linear-time Alternative to Semi-Orthogonal
+Momentum Updates", arXiv 2509.24320).
+
+We implement the paper's normalized form, not the authors' packaged code (which differs
+from it). For the Nesterov momentum ``M`` of a hidden matrix with ``N`` entries:
+
+    G = M / (||M||_F + 1e-7)
+    U = G / (sqrt(mean(cosh(G)^2)) + 1e-8)
+    W <- (1 - lr*wd) W - lr * sqrt(max(1, A/B)) * U
+
+``||U||_2 <= ||U||_F <= 1``: the step stays in a spectral-norm trust region with no
+orthogonalization, in O(N) time and memory. Hybrid-AuON first applies a single
+Newton-Schulz iteration to ``M`` (the reference quintic, one step), then the same scaling.
+Non-matrix groups get Muon's internal AdamW. Because ``||U||_F <= 1`` rather than Muon's
+``||U||_F ~ sqrt(min(A, B))``, AuON's per-entry step is smaller and its tuned lr larger.
+"""
+from __future__ import annotations
+
+import torch
+
+from .factory import register
+from .muon import Muon
+
+
+def auon_normalize(m: torch.Tensor) -> torch.Tensor:
+    """Frobenius normalization, then division by the RMS of cosh of the entries (fp32)."""
+    g = m.float()
+    g = g / (torch.linalg.vector_norm(g) + 1e-7)
+    return g / (torch.cosh(g).square().mean().sqrt() + 1e-8)
+
+
+class AuON(Muon):
+    """Linear-time AuON (``ns_steps`` is ignored)."""
+
+    def directions(self, entries):
+        return [auon_normalize(u) for _, _, u in entries]
+
+
+class HybridAuON(Muon):
+    """AuON after one Newton-Schulz iteration (``ns_steps`` defaults to 1)."""
+
+    def __init__(self, params, lr: float = 0.02, ns_steps: int = 1, **kw):
+        super().__init__(params, lr=lr, ns_steps=ns_steps, **kw)
+
+    def directions(self, entries):
+        ortho = super().directions(entries)
+        return [auon_normalize(o) for o in ortho]
+
+
+@register("auon")
+def build_auon(groups, lr, **hp) -> AuON:
+    return AuON(groups, lr=lr, **hp)
+
+
+@register("hybrid_auon")
+def build_hybrid_auon(groups, lr, **hp) -> HybridAuON:
+    return HybridAuON(groups, lr=lr, **hp)
+
+
+build_auon.optimizer_class = AuON
+build_hybrid_auon.optimizer_class = HybridAuON

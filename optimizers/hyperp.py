@@ -1,0 +1,71 @@
+"""HyperSphere: Muon on a Frobenius sphere (HyperP; Ren et al., "Rethinking Language Model
+Scaling under Transferable Hypersphere Optimization").
+
+Each hidden matrix keeps the Frobenius norm it had at its first step, ``r = ||W_0||_F``.
+With ``U`` the Muon update (Newton-Schulz of the Nesterov momentum), one step is
+
+    W' = W - lr * (||W||_F / ||U||_F) * U,      W <- r * W' / ||W'||_F
+
+so the *relative* step ``||W' - W||_F / ||W||_F`` is exactly ``lr`` whatever the width:
+the base lr transfers across widths. Decoupled weight decay only rescales ``W``, and the
+retraction undoes any rescaling, so it is an exact no-op here (the paper's first-order
+statement, exact for this update); it is still applied, so the claim is tested, not assumed.
+Depth: with depth-muP residual branches (``GPTConfig.depth_mup``, 1/sqrt(2L)), the hidden
+lr is ``lr * sqrt(base_depth / depth)`` when ``base_depth`` is given (``depth`` defaults to
+the number of distinct ``blocks.<i>.`` in the group's ``param_names``).
+Non-matrix groups get Muon's internal AdamW.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from .factory import register
+from .muon import Muon
+
+
+def infer_depth(param_names: list[str]) -> int | None:
+    idx = {m.group(1) for n in param_names for m in [re.search(r"blocks\.(\d+)\.", n)] if m}
+    return len(idx) or None
+
+
+class HyperSphere(Muon):
+    """Muon with a fixed-norm (hypersphere) constraint on hidden matrices.
+
+    Args beyond :class:`Muon`'s: ``base_depth`` (depth the lr was tuned at; enables the
+    depth-muP rule ``lr * sqrt(base_depth/depth)``) and ``depth`` (target depth; inferred
+    from ``param_names`` when omitted). ``adjust_lr`` is unused: the step is relative.
+    """
+
+    def __init__(self, params, lr: float = 0.02, base_depth: int | None = None,
+                 depth: int | None = None, **kw):
+        super().__init__(params, lr=lr, **kw)
+        for g in self.param_groups:
+            g["lr_depth_factor"] = 1.0
+            if g["use_muon"] and base_depth is not None:
+                d = depth or infer_depth(g.get("param_names", []))
+                if d is None:
+                    raise ValueError("HyperSphere(base_depth=...) needs the model depth: pass "
+                                     "depth=n_layer or groups with param_names like 'blocks.3.*'")
+                g["lr_depth_factor"] = math.sqrt(base_depth / d)
+
+    def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
+        st = self.state[p]
+        if "radius" not in st:
+            st["radius"] = torch.linalg.vector_norm(p)
+        lr = group["lr"] * group["lr_depth_factor"]
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        u = d.float()
+        step = lr * torch.linalg.vector_norm(p) / torch.linalg.vector_norm(u).clamp_min(1e-12)
+        p.sub_(u * step)
+        p.mul_(st["radius"] / torch.linalg.vector_norm(p).clamp_min(1e-12))
+
+
+@register("hyperp")
+def build_hyperp(groups, lr, **hp) -> HyperSphere:
+    return HyperSphere(groups, lr=lr, **hp)
+
+
+build_hyperp.optimizer_class = HyperSphere

@@ -1,0 +1,234 @@
+"""Muon for hidden matrices plus an internal AdamW for everything else, in one optimizer.
+
+Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/): Nesterov momentum,
+then the update of each hidden weight matrix is replaced by its Newton-Schulz
+orthogonalization ``NS_5(M)`` (quintic 3.4445, -4.7750, 2.0315). ``adjust_lr`` picks the
+update scale: ``"original"`` multiplies by ``sqrt(max(1, A/B))`` (Jordan);
+``"match_rms_adamw"`` by ``0.2 * sqrt(max(A, B))`` (Moonlight, Liu et al. 2025, "Muon is
+Scalable for LLM Training", eq. 4), which gives the update AdamW's RMS so AdamW's lr and
+weight decay carry over. Weight decay is decoupled: ``W <- (1 - lr*wd) W``.
+
+Groups with ``use_muon=False`` get AdamW exactly as ``muon.SingleDeviceMuonWithAuxAdam``
+does (betas (0.9, 0.95), eps 1e-10 by default), so results match that reference (bf16
+tolerance: the NS runs in bf16 as there). Their lr is ``adam_lr`` unless the group sets
+its own ``lr``: build_optimizer passes a single ``lr``, which is Muon's.
+
+Speed: same-shape matrices are orthogonalized in one batched call (bitwise equal to a
+loop), momentum and AdamW use ``torch._foreach_*`` ops. Under DDP each rank
+orthogonalizes ~1/world of the matrices (see :mod:`optimizers.newton_schulz`); momentum
+is kept on every rank (cheap, elementwise, identical because DDP averages gradients), so
+a rank-0 checkpoint holds the full state and resumes exactly. FSDP shards matrices,
+which Newton-Schulz cannot use: that raises an error pointing to ``strategy="ddp"``.
+
+Subclasses (HyperSphere, MuonPlusPlus, AuON) override :meth:`directions` (momentum ->
+update direction) and :meth:`apply_update` (direction -> new weights).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .factory import register
+from .newton_schulz import as_matrix, orthogonalize_many
+
+ADJUST_LR = ("original", "match_rms_adamw")
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def adjusted_ratio(shape: torch.Size, adjust_lr: str) -> float:
+    """Update scale of torch.optim.Muon's ``adjust_lr_fn`` for a (fan_out, fan_in...) weight."""
+    a, b = shape[0], math.prod(shape[1:])
+    if adjust_lr == "original":
+        return math.sqrt(max(1.0, a / b))
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(a, b))
+    raise ValueError(f"adjust_lr={adjust_lr!r} is not one of {ADJUST_LR}")
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    if getattr(p, "_fsdp_flattened", False):
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(p, DTensor)
+
+
+def _split_params(params: Iterable) -> list[dict[str, Any]]:
+    params = list(params)
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    if isinstance(params[0], dict):
+        for i, g in enumerate(params):
+            if "use_muon" not in g:
+                raise ValueError(f"param group {i} has no 'use_muon' key: build groups with "
+                                 "optimizers.param_groups(model) or mark hidden matrices "
+                                 "use_muon=True and the rest use_muon=False")
+        return [dict(g) for g in params]
+    # Plain parameter list: matrices get Muon, vectors AdamW. Embeddings and the output
+    # head should be AdamW too; only named groups (param_groups) can tell them apart.
+    mats = [p for p in params if p.ndim >= 2]
+    vecs = [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": mats, "use_muon": True}, {"params": vecs, "use_muon": False})
+            if g["params"]]
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (hidden matrices, ``use_muon=True`` groups) + AdamW (other groups).
+
+    Args:
+        params: param groups with ``use_muon`` (e.g. from ``optimizers.param_groups``),
+            or a plain list (matrices -> Muon, vectors -> AdamW). Extra keys are kept.
+        lr: Muon learning rate (spectral-norm units for ``adjust_lr="original"``).
+        momentum, nesterov, ns_steps: Muon's momentum and Newton-Schulz iterations.
+        weight_decay: decoupled decay ``W <- (1 - lr*wd) W`` (groups may override).
+        adjust_lr: ``"original"`` or ``"match_rms_adamw"`` (torch.optim.Muon's adjust_lr_fn).
+        ns_dtype: ``"bfloat16"`` (the reference iteration, bitwise) or ``"float32"`` (the same
+            quintic in fp32: ~5x faster on CPUs without bf16 matmul units, and closer to
+            the exact iteration; matches the reference to bf16 tolerance).
+        adam_lr: lr of the AdamW groups; default ``lr`` with ``match_rms_adamw`` (that is
+            its point), else the reference package's 3e-4.
+        betas, eps: the AdamW groups' (reference defaults (0.9, 0.95), 1e-10).
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, weight_decay: float = 0.0, adjust_lr: str = "original",
+                 adam_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-10, ns_dtype: str = "bfloat16"):
+        if lr < 0 or (adam_lr is not None and adam_lr < 0):
+            raise ValueError(f"learning rates must be >= 0, got lr={lr}, adam_lr={adam_lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if ns_steps < 1:
+            raise ValueError(f"ns_steps must be >= 1, got {ns_steps}")
+        adjusted_ratio(torch.Size([1, 1]), adjust_lr)  # validates the name
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype={ns_dtype!r} is not one of {sorted(NS_DTYPES)}")
+        if adam_lr is None:
+            adam_lr = lr if adjust_lr == "match_rms_adamw" else 3e-4
+        groups = _split_params(params)
+        for g in groups:
+            if not g["use_muon"]:
+                g.setdefault("lr", adam_lr)
+            g["params"] = list(g["params"])
+            for p in g["params"]:
+                if g["use_muon"] and p.ndim < 2 and not _is_sharded(p):
+                    raise ValueError(f"a use_muon group holds a parameter of shape "
+                                     f"{tuple(p.shape)}; Muon only takes matrices (and conv "
+                                     "filters), put vectors in a use_muon=False group")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay, adjust_lr=adjust_lr, betas=tuple(betas),
+                        eps=eps, ns_dtype=ns_dtype)
+        super().__init__(groups, defaults)
+        self._check_not_sharded()
+
+    def _check_not_sharded(self) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                if _is_sharded(p):
+                    raise RuntimeError(
+                        f"{type(self).__name__} orthogonalizes whole weight matrices, but "
+                        "this model's parameters are sharded by FSDP. Use strategy='ddp' "
+                        "instead: there the Newton-Schulz work is already split across "
+                        "ranks and the full optimizer state is checkpointed. (Or use AdamW "
+                        "under FSDP.)")
+
+    # -- the step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        matrix_groups = [g for g in self.param_groups if g["use_muon"]]
+        if matrix_groups:
+            self._matrix_step(matrix_groups)
+        for g in self.param_groups:
+            if not g["use_muon"]:
+                self._adam_step(g)
+        return loss
+
+    def _matrix_step(self, groups: list[dict]) -> None:
+        entries = []  # (group, param, nesterov momentum)
+        for g in groups:
+            ps = [p for p in g["params"] if p.grad is not None]
+            if not ps:
+                continue
+            grads = [p.grad for p in ps]
+            bufs = []
+            for p in ps:
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(st["momentum_buffer"])
+            beta = g["momentum"]
+            torch._foreach_lerp_(bufs, grads, 1 - beta)
+            # Out of place: p.grad stays the gradient (monitors, DDP hooks read it).
+            upd = torch._foreach_lerp(grads, bufs, beta) if g["nesterov"] else bufs
+            entries += [(g, p, u) for p, u in zip(ps, upd)]
+        if not entries:
+            return
+        dirs = self.directions(entries)
+        for (g, p, _), d in zip(entries, dirs):
+            self.apply_update(g, p, d.view_as(p))
+
+    def directions(self, entries: list[tuple[dict, torch.Tensor, torch.Tensor]]
+                   ) -> list[torch.Tensor]:
+        """Orthogonalized momentum of each matrix (all groups batched together)."""
+        kinds = {(g["ns_steps"], g["ns_dtype"]) for g, _, _ in entries}
+        if len(kinds) == 1:
+            steps, dtype = kinds.pop()
+            return orthogonalize_many([as_matrix(u) for _, _, u in entries], steps,
+                                      dtype=NS_DTYPES[dtype])
+        return [orthogonalize_many([as_matrix(u)], g["ns_steps"], dtype=NS_DTYPES[g["ns_dtype"]])[0]
+                for g, _, u in entries]
+
+    def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
+        lr, mode = group["lr"], group["adjust_lr"]
+        p.mul_(1 - lr * group["weight_decay"])
+        if mode == "original":
+            # Same bf16 scaling then fp32 add as muon.muon_update, so results match it.
+            d.mul_(adjusted_ratio(p.shape, mode))
+            p.add_(d, alpha=-lr)
+        else:  # torch.optim.Muon folds the ratio into the step size
+            p.add_(d, alpha=-lr * adjusted_ratio(p.shape, mode))
+
+    def _adam_step(self, g: dict) -> None:
+        ps = [p for p in g["params"] if p.grad is not None]
+        if not ps:
+            return
+        b1, b2 = g["betas"]
+        m, v, bc1, bc2 = [], [], [], []
+        for p in ps:
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] = 0
+            st["step"] += 1
+            m.append(st["exp_avg"])
+            v.append(st["exp_avg_sq"])
+            bc1.append(1 - b1 ** st["step"])
+            bc2.append(1 - b2 ** st["step"])
+        grads = [p.grad for p in ps]
+        # The op sequence of muon.adam_update, one foreach call per op.
+        torch._foreach_lerp_(m, grads, 1 - b1)
+        torch._foreach_lerp_(v, torch._foreach_mul(grads, grads), 1 - b2)
+        den = torch._foreach_div(v, bc2)
+        torch._foreach_sqrt_(den)
+        torch._foreach_add_(den, g["eps"])
+        upd = torch._foreach_div(m, bc1)
+        torch._foreach_div_(upd, den)
+        torch._foreach_mul_(ps, 1 - g["lr"] * g["weight_decay"])
+        torch._foreach_add_(ps, upd, alpha=-g["lr"])
+
+
+@register("muon")
+def build_muon(groups, lr, **hp) -> Muon:
+    return Muon(groups, lr=lr, **hp)
+
+
+build_muon.optimizer_class = Muon

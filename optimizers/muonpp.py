@@ -1,0 +1,79 @@
+"""Muon++: Muon that keeps the muP spectral condition through training ("Towards a
+Principled Muon under muP: Ensuring Spectral Conditions throughout Training",
+arXiv 2601.01306).
+
+The spectral condition (Yang, Simon & Bernstein 2023, "A Spectral Condition for Feature
+Learning") asks ``||W||_2 = Theta(s)`` and ``||dW||_2 = Theta(lr * s)`` with
+``s = sqrt(fan_out / fan_in)``. Muon++ controls it through the updates alone, without
+normalizing the weights: the orthogonalized update is scaled by ``s`` (instead of Muon's
+``sqrt(max(1, A/B))``), so ``||dW||_2 <= c * lr * s`` with ``c ~ 1.21`` the largest singular
+value Newton-Schulz leaves, and the decoupled decay is tied to the target ratio
+``C = spectral_target`` as ``wd = 1 / C``. Then
+
+    W_t = (1 - lr*wd) W_{t-1} - lr * s * O_t   =>   ||W_t||_2 / s <= max(||W_0||_2 / s, c * C)
+
+for every t and any lr schedule with lr * wd <= 1: a convex combination of the initial
+ratio and ``c*C`` (eq. of the bound: triangle inequality, unrolled). This is our reading of
+the paper's update-level control; its data-dependent ("adaptive") condition is not
+implemented. :func:`spectral_ratios` measures ``||W||_2 / s`` for plots and tests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .factory import register
+from .muon import Muon
+
+
+def spectral_scale(shape: torch.Size) -> float:
+    """``sqrt(fan_out / fan_in)`` of a (fan_out, fan_in, ...) weight."""
+    return math.sqrt(shape[0] / math.prod(shape[1:]))
+
+
+@torch.no_grad()
+def spectral_ratios(named_params) -> dict[str, float]:
+    """``||W||_2 / sqrt(fan_out/fan_in)`` of each matrix in ``(name, param)`` pairs."""
+    out = {}
+    for name, p in named_params:
+        if p.ndim >= 2:
+            w = p.detach().float().reshape(p.shape[0], -1)
+            out[name] = torch.linalg.matrix_norm(w, ord=2).item() / spectral_scale(p.shape)
+    return out
+
+
+def hidden_spectral_ratios(model: nn.Module) -> dict[str, float]:
+    from .factory import classify_parameters
+    return spectral_ratios(classify_parameters(model)["hidden"])
+
+
+class MuonPlusPlus(Muon):
+    """Muon with the muP update scale ``sqrt(fan_out/fan_in)`` and decay ``1/spectral_target``.
+
+    ``spectral_target=None`` keeps the groups' ``weight_decay`` (the bound is then
+    ``c / weight_decay``). ``adjust_lr`` is unused.
+    """
+
+    def __init__(self, params, lr: float = 0.02, spectral_target: float | None = 2.0, **kw):
+        if spectral_target is not None and spectral_target <= 0:
+            raise ValueError(f"spectral_target must be > 0, got {spectral_target}")
+        super().__init__(params, lr=lr, **kw)
+        for g in self.param_groups:
+            if g["use_muon"] and spectral_target is not None:
+                g["weight_decay"] = 1.0 / spectral_target
+            g["spectral_target"] = spectral_target
+
+    def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
+        lr = group["lr"]
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(d, alpha=-lr * spectral_scale(p.shape))
+
+
+@register("muonpp")
+def build_muonpp(groups, lr, **hp) -> MuonPlusPlus:
+    return MuonPlusPlus(groups, lr=lr, **hp)
+
+
+build_muonpp.optimizer_class = MuonPlusPlus
