@@ -1,5 +1,7 @@
 """Muon under DDP: two CPU processes (gloo) give the weights and the full optimizer state of
 one process, while each rank orthogonalizes only about half of the matrices."""
+import gc
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -52,6 +54,11 @@ def _worker(rank, world, store, out):
     if rank == 0:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, out)
     torch.save(counted, f"{out}.count{rank}")
+    # Drop the DDP reducer and finish pending gloo work while the group is alive: tearing
+    # both down together can deadlock (a gloo thread waits for the GIL the destructor holds).
+    del ddp
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
