@@ -225,14 +225,10 @@ def test_bad_input_errors_name_the_fix():
 @pytest.mark.parametrize("name", ["muon", "hyperp"])
 def test_lightning_checkpoint_resume_is_bitwise(tmp_path, name):
     """Automatic optimization (step(closure)) and a Lightning checkpoint resume exactly."""
-    from tests.test_resume import assert_bitwise, fit
+    from tests.test_resume import assert_bitwise, straight_and_resumed
     from toolkit import LanguageModel, TextDataModule
     make_model = lambda: LanguageModel(vocab_size=65, block_size=16, n_layer=2, n_head=2,
                                        n_embd=32, optimizer=name, lr=0.02, warmup_steps=2,
                                        optimizer_kwargs={"adam_lr": 3e-3})
     make_data = lambda: TextDataModule(block_size=16, batch_size=8)
-    straight = fit(make_model, make_data, tmp_path / "a", total=8, every=4)
-    fit(make_model, make_data, tmp_path / "b", total=8, every=4, stop_at=4)
-    resumed = fit(make_model, make_data, tmp_path / "c", total=8, every=100,
-                  ckpt_path=tmp_path / "b" / "last.ckpt")
-    assert_bitwise(straight, resumed)
+    assert_bitwise(*straight_and_resumed(make_model, make_data, tmp_path, total=8, stop_at=4))

@@ -31,6 +31,16 @@ def fit(make_model, make_data, root, total, every, stop_at=None, ckpt_path=None)
     return model.state_dict()
 
 
+def straight_and_resumed(make_model, make_data, root, total, stop_at):
+    """Final weights of a straight run, and of one stopped at ``stop_at`` and resumed from
+    its ``last.ckpt`` up to the same budget."""
+    straight = fit(make_model, make_data, root / "a", total=total, every=stop_at)
+    fit(make_model, make_data, root / "b", total=total, every=stop_at, stop_at=stop_at)
+    resumed = fit(make_model, make_data, root / "c", total=total, every=100,
+                  ckpt_path=root / "b" / "last.ckpt")
+    return straight, resumed
+
+
 def assert_bitwise(a, b):
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
@@ -41,11 +51,7 @@ def test_lm_resume_is_bitwise(tmp_path):
     make_model = lambda: LanguageModel(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32,
                                        dropout=0.1, lr=3e-3, warmup_steps=2)
     make_data = lambda: TextDataModule(block_size=16, batch_size=8)
-    straight = fit(make_model, make_data, tmp_path / "a", total=12, every=6)
-    fit(make_model, make_data, tmp_path / "b", total=12, every=6, stop_at=6)
-    resumed = fit(make_model, make_data, tmp_path / "c", total=12, every=100,
-                  ckpt_path=tmp_path / "b" / "last.ckpt")
-    assert_bitwise(straight, resumed)
+    assert_bitwise(*straight_and_resumed(make_model, make_data, tmp_path, total=12, stop_at=6))
 
 
 @pytest.mark.parametrize("stop_at", [7, 10])  # mid-epoch, and exactly at the epoch boundary
@@ -53,8 +59,5 @@ def test_image_resume_mid_epoch_is_bitwise(tmp_path, tiny_mnist, stop_at):
     # 500 training examples / batch 50 = 10 batches an epoch; 16 steps cross one boundary.
     make_model = lambda: Classifier(arch="cnn", width=4, norm="group", lr=3e-3, warmup_steps=2)
     make_data = lambda: ImageDataModule(root=str(tiny_mnist), val_size=100, batch_size=50)
-    straight = fit(make_model, make_data, tmp_path / "a", total=16, every=stop_at)
-    fit(make_model, make_data, tmp_path / "b", total=16, every=stop_at, stop_at=stop_at)
-    resumed = fit(make_model, make_data, tmp_path / "c", total=16, every=100,
-                  ckpt_path=tmp_path / "b" / "last.ckpt")
-    assert_bitwise(straight, resumed)
+    assert_bitwise(*straight_and_resumed(make_model, make_data, tmp_path, total=16,
+                                         stop_at=stop_at))
