@@ -14,7 +14,9 @@ tolerance: the NS runs in bf16 as there). Their lr is ``adam_lr`` unless the gro
 its own ``lr``: build_optimizer passes a single ``lr``, which is Muon's.
 
 Speed: same-shape matrices are orthogonalized in one batched call (bitwise equal to a
-loop), momentum and AdamW use ``torch._foreach_*`` ops. Under DDP each rank
+loop), momentum and AdamW use ``torch._foreach_*`` ops. On CPUs without bf16 units the bf16
+iteration's products run as fp32 GEMMs of the bf16 operands (``ns_matmul="auto"``; see
+:mod:`optimizers.newton_schulz`), ~3x faster and within 1% of the reference. Under DDP each rank
 orthogonalizes ~1/world of the matrices (see :mod:`optimizers.newton_schulz`); momentum
 is kept on every rank (cheap, elementwise, identical because DDP averages gradients), so
 a rank-0 checkpoint holds the full state and resumes exactly. FSDP shards matrices,
@@ -31,7 +33,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .factory import register
-from .newton_schulz import as_matrix, orthogonalize_many
+from .newton_schulz import NS_MATMULS, as_matrix, orthogonalize_many
 
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -89,6 +91,10 @@ class Muon(torch.optim.Optimizer):
         ns_dtype: ``"bfloat16"`` (the reference iteration, bitwise) or ``"float32"`` (the same
             quintic in fp32: ~5x faster on CPUs without bf16 matmul units, and closer to
             the exact iteration; matches the reference to bf16 tolerance).
+        ns_matmul: how bf16 products are computed: ``"bf16"`` (the reference function,
+            bitwise), ``"fp32"`` (fp32 GEMMs of the bf16 operands, rounded to bf16: same
+            numerics up to accumulation order, ~3x faster on CPUs without bf16 units) or
+            ``"auto"`` (``"bf16"`` on GPUs and bf16-capable CPUs, else ``"fp32"``).
         adam_lr: lr of the AdamW groups; default ``lr`` with ``match_rms_adamw`` (that is
             its point), else the reference package's 3e-4.
         betas, eps: the AdamW groups' (reference defaults (0.9, 0.95), 1e-10).
@@ -97,7 +103,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0, adjust_lr: str = "original",
                  adam_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-10, ns_dtype: str = "bfloat16"):
+                 eps: float = 1e-10, ns_dtype: str = "bfloat16", ns_matmul: str = "auto"):
         if lr < 0 or (adam_lr is not None and adam_lr < 0):
             raise ValueError(f"learning rates must be >= 0, got lr={lr}, adam_lr={adam_lr}")
         if not 0 <= momentum < 1:
@@ -107,6 +113,8 @@ class Muon(torch.optim.Optimizer):
         adjusted_ratio(torch.Size([1, 1]), adjust_lr)  # validates the name
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"ns_dtype={ns_dtype!r} is not one of {sorted(NS_DTYPES)}")
+        if ns_matmul not in NS_MATMULS:
+            raise ValueError(f"ns_matmul={ns_matmul!r} is not one of {NS_MATMULS}")
         if adam_lr is None:
             adam_lr = lr if adjust_lr == "match_rms_adamw" else 3e-4
         groups = _split_params(params)
@@ -121,7 +129,7 @@ class Muon(torch.optim.Optimizer):
                                      "filters), put vectors in a use_muon=False group")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, betas=tuple(betas),
-                        eps=eps, ns_dtype=ns_dtype)
+                        eps=eps, ns_dtype=ns_dtype, ns_matmul=ns_matmul)
         super().__init__(groups, defaults)
         self._check_not_sharded()
 
@@ -178,13 +186,13 @@ class Muon(torch.optim.Optimizer):
     def directions(self, entries: list[tuple[dict, torch.Tensor, torch.Tensor]]
                    ) -> list[torch.Tensor]:
         """Orthogonalized momentum of each matrix (all groups batched together)."""
-        kinds = {(g["ns_steps"], g["ns_dtype"]) for g, _, _ in entries}
+        kinds = {(g["ns_steps"], g["ns_dtype"], g.get("ns_matmul", "auto")) for g, _, _ in entries}
         if len(kinds) == 1:
-            steps, dtype = kinds.pop()
+            steps, dtype, matmul = kinds.pop()
             return orthogonalize_many([as_matrix(u) for _, _, u in entries], steps,
-                                      dtype=NS_DTYPES[dtype])
-        return [orthogonalize_many([as_matrix(u)], g["ns_steps"], dtype=NS_DTYPES[g["ns_dtype"]])[0]
-                for g, _, u in entries]
+                                      dtype=NS_DTYPES[dtype], matmul=matmul)
+        return [orthogonalize_many([as_matrix(u)], g["ns_steps"], dtype=NS_DTYPES[g["ns_dtype"]],
+                                   matmul=g.get("ns_matmul", "auto"))[0] for g, _, u in entries]
 
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         lr, mode = group["lr"], group["adjust_lr"]

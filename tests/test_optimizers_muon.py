@@ -63,9 +63,43 @@ def test_batched_newton_schulz_equals_loop_and_reference():
     torch.manual_seed(2)
     mats = [torch.randn(48, 16) for _ in range(3)] + [torch.randn(16, 48), torch.randn(8, 2, 3, 3)]
     mats = [m.reshape(m.shape[0], -1) for m in mats]
-    got = orthogonalize_many(mats, 5)
+    got = orthogonalize_many(mats, 5, matmul="bf16")
     for m, o in zip(mats, got):
         assert torch.equal(o, muon.zeropower_via_newtonschulz5(m, 5))
+    # the fp32-GEMM form batched (tall and wide together) equals itself one matrix at a time
+    got = orthogonalize_many(mats, 5, matmul="fp32")
+    for m, o in zip(mats, got):
+        assert torch.equal(o, orthogonalize(m, matmul="fp32"))
+
+
+def test_fp32_gemm_form_is_the_reference_up_to_accumulation_order():
+    from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
+    torch.manual_seed(3)
+    g = torch.randn(6, 96, 256)
+    ref = muon.zeropower_via_newtonschulz5(g, 5).double()
+    ours = orthogonalize_many(list(g), 5, matmul="fp32")
+    theirs = [torch_ns(m, (3.4445, -4.7750, 2.0315), 5, 1e-7) for m in g]
+    for r, o, t in zip(ref, ours, theirs):
+        assert o.dtype == torch.bfloat16
+        ours_err = ((o.double() - r).norm() / r.norm()).item()
+        torch_err = ((t.double() - r).norm() / r.norm()).item()
+        # closer to the reference than torch.optim.Muon's own (addmm) form of it
+        assert ours_err < 0.015 and ours_err < 0.7 * torch_err, (ours_err, torch_err)
+    # a single product is a bf16 GEMM: fp32 accumulation, one bf16 rounding of the output
+    x = g[0].bfloat16()
+    exact = x.double() @ x.double().T
+    got = orthogonalize.__globals__["_bf16_via_fp32"](x, x.T).double()
+    assert ((got - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+
+
+def test_auto_matmul_follows_the_hardware(monkeypatch):
+    from optimizers import newton_schulz
+    monkeypatch.setattr(newton_schulz, "native_bf16_gemm", lambda device: False)
+    assert newton_schulz._resolve("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(newton_schulz, "native_bf16_gemm", lambda device: True)
+    assert newton_schulz._resolve("auto", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="not one of"):
+        Muon([torch.nn.Parameter(torch.ones(2, 2))], ns_matmul="fast")
 
 
 def test_fp32_newton_schulz_matches_reference_and_is_closer_to_exact():
@@ -91,7 +125,7 @@ def _groups(model, muon_lr=0.02, adam_lr=3e-3, wd=0.1):
 
 def test_matches_single_device_muon_with_aux_adam():
     ours, ref = tiny_gpt(), tiny_gpt()
-    opt = Muon(_groups(ours))
+    opt = Muon(_groups(ours), ns_matmul="bf16")
     ref_opt = muon.SingleDeviceMuonWithAuxAdam(_groups(ref))
     train(ours, opt, 5)
     train(ref, ref_opt, 5)
@@ -99,6 +133,14 @@ def test_matches_single_device_muon_with_aux_adam():
     for (n, a), b, s in zip(ours.named_parameters(), ref.parameters(), start.parameters()):
         assert not torch.equal(a, s), f"{n} did not move"
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+
+
+def test_default_trains_like_reference():
+    ours, ref, start = tiny_gpt(), tiny_gpt(), tiny_gpt()
+    train(ours, Muon(_groups(ours)), 5)
+    train(ref, muon.SingleDeviceMuonWithAuxAdam(_groups(ref)), 5)
+    for a, b, s in zip(ours.parameters(), ref.parameters(), start.parameters()):
+        assert ((a - b).norm() / (b - s).norm()) < 0.03
 
 
 def test_fp32_newton_schulz_option_trains_like_reference():
