@@ -405,3 +405,28 @@ def test_functional_monitors_on_hf_gpt2():
     logits = out.logits
     assert ind["logit_z"] == pytest.approx(torch.logsumexp(logits, -1).square().mean().item(),
                                            rel=1e-5)
+
+
+def test_fixed_probe_measures_the_same_batch_after_each_update(tmp_path):
+    from toolkit.monitors import massive_activations
+    model, data = tiny_lm()
+    mon = MassiveActivationMonitor(every_n_steps=5, out_dir=str(tmp_path), plots=False,
+                                   fit=False, probe="fixed")
+    trainer(11, [mon], Collect(), enable_checkpointing=False, limit_val_batches=0).fit(model, data)
+    assert [r["step"] for r in mon.history][::2] == [0, 5, 10]
+    assert isinstance(mon.fixed_batch, (tuple, list)) and mon.fixed_batch[0].shape == (4, 16)
+    # step 10 is the last update, so the final weights on the saved batch give its row
+    again = massive_activations(model, mon.fixed_batch)
+    for row, stats in zip(mon.history[-2:], again.values()):
+        assert row["ratio"] == pytest.approx(stats.ratio, rel=1e-6)
+        assert (row["token"], row["dim"]) == (stats.token, stats.dim)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert mon.state_dict()["fixed_batch"] is mon.fixed_batch
+
+
+def test_fixed_probe_needs_a_forward_and_a_known_mode():
+    with pytest.raises(ValueError, match="probe="):
+        MassiveActivationMonitor(probe="val")
+    mon = MassiveActivationMonitor(every_n_steps=5, plots=False, probe="fixed")
+    with pytest.raises(TypeError, match="defines no forward"):
+        trainer(2, [mon], Collect(), enable_checkpointing=False).fit(Naive(), token_loader())

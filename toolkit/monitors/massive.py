@@ -5,7 +5,7 @@ feature dimensions and on the first token or delimiters. Criterion (their Sec. 2
 
 ``activation_stats`` is the pure core on one hidden state; ``massive_activations`` runs a
 model once with temporary hooks on its blocks; ``MassiveActivationMonitor`` does the same
-on the training forward of logging steps and fits the emergence law at the end of fit.
+on logging steps and fits the emergence law at the end of fit.
 """
 from __future__ import annotations
 
@@ -110,19 +110,30 @@ def massive_activations(model: nn.Module, batch, layers: str | Sequence[str] = "
 
 class MassiveActivationMonitor(StepMonitor):
     """Logs, per block, the ratio top-1/median |a| and the top-1 |a| every ``every_n_steps``
-    (``massive/ratio/layer{i}``, ``massive/top1/layer{i}``), measured on the training
-    forward of that step. Keeps the history in its checkpoint state, writes it as
+    (``massive/ratio/layer{i}``, ``massive/top1/layer{i}``). Keeps the history in its checkpoint state, writes it as
     ``massive_activations.csv`` (after every logging step) and, at the end of fit, fits the emergence law of
     Gallego-Feliciano et al. (2025) per layer (:mod:`toolkit.monitors.emergence`) with plots.
 
+    ``probe="train"`` measures the training forward of the logging step (no extra compute;
+    the batch changes every time). ``probe="fixed"`` measures, after the logging step's
+    update, one eval-mode forward of the first training batch the monitor saw, the same
+    input at every step as Gallego-Feliciano et al. do with their fixed prompts, so the
+    curve's noise is the model's, not the batch's (one extra forward per logging step;
+    the module must define ``forward``; the batch is kept in the checkpoint state).
     ``out_dir`` defaults to the logger's run folder.
     """
 
     def __init__(self, every_n_steps: int = 50, layers: str | list[str] = "auto", top_k: int = 5,
                  abs_threshold: float = ABS_THRESHOLD, ratio_threshold: float = RATIO_THRESHOLD,
-                 fit: bool = True, plots: bool = True, out_dir: str | None = None):
+                 fit: bool = True, plots: bool = True, out_dir: str | None = None,
+                 probe: str = "train"):
         super().__init__(every_n_steps)
+        if probe not in ("train", "fixed"):
+            raise ValueError(f"probe={probe!r}: use 'train' (the logging step's training "
+                             "forward) or 'fixed' (the same batch at every logging step)")
         self.layers_arg, self.fit, self.plots, self.out_dir = layers, fit, plots, out_dir
+        self.probe = probe
+        self.fixed_batch = None
         self.stats_kw = dict(top_k=top_k, abs_threshold=abs_threshold,
                              ratio_threshold=ratio_threshold)
         self.history: list[dict] = []
@@ -132,11 +143,32 @@ class MassiveActivationMonitor(StepMonitor):
     def on_train_start(self, trainer, pl_module) -> None:
         # Not in setup: LightningModules may build their model later, in configure_model.
         self._probe = MassiveProbe(resolve_layers(pl_module, self.layers_arg), **self.stats_kw)
+        if self.probe == "fixed" and type(pl_module).forward is L.LightningModule.forward:
+            raise TypeError(f"MassiveActivationMonitor(probe='fixed') runs the module on its "
+                            f"saved batch, but {type(pl_module).__name__} defines no forward(): "
+                            "add one, or use probe='train'")
 
     def start(self, trainer, pl_module, batch) -> None:
-        self._probe.attach(self.hooks)
+        if self.probe == "train":
+            self._probe.attach(self.hooks)
+        elif self.fixed_batch is None:
+            self.fixed_batch = _detached_cpu(batch)
+
+    def _measure_fixed(self, pl_module) -> None:
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+        batch = move_data_to_device(self.fixed_batch, pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), Hooks() as hooks:
+                self._probe.attach(hooks)
+                call_model(pl_module, batch)
+        finally:
+            pl_module.train(was_training)
 
     def finish(self, trainer, pl_module, step: int) -> None:
+        if self.probe == "fixed":
+            self._measure_fixed(pl_module)
         metrics = {}
         for i, s in sorted(self._probe.stats.items()):
             self.history.append({"step": step, "layer": i, "name": self._probe.layers[i].name,
@@ -153,11 +185,13 @@ class MassiveActivationMonitor(StepMonitor):
             write_history(self.history, self.folder(trainer) / "massive_activations.csv")
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "measured_step": self._measured_step}
+        return {"history": list(self.history), "measured_step": self._measured_step,
+                "fixed_batch": self.fixed_batch}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
         self._measured_step = state_dict.get("measured_step", -1)
+        self.fixed_batch = state_dict.get("fixed_batch")
 
     def folder(self, trainer: L.Trainer) -> Path:
         return Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
@@ -190,6 +224,11 @@ class MassiveActivationMonitor(StepMonitor):
             import matplotlib.pyplot as plt
             for fig in figs.values():
                 plt.close(fig)
+
+
+def _detached_cpu(batch):
+    from lightning.fabric.utilities.apply_func import apply_to_collection
+    return apply_to_collection(batch, torch.Tensor, lambda t: t.detach().cpu().clone())
 
 
 def write_history(rows: list[dict], path: str | Path) -> Path:
