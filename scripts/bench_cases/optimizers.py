@@ -3,7 +3,10 @@
 ``muon-step``: ``optimizers.Muon`` vs ``muon.SingleDeviceMuonWithAuxAdam`` and vs
 ``torch.optim.Muon`` + ``torch.optim.AdamW`` on the parameters of a 12-layer, 768-wide GPT
 (GPT-2 small shapes, vocab 50304; ``--quick``: 4 layers, 256 wide, vocab 65). One timed
-repetition is one ``step()`` with fixed random gradients. ``auon-step`` /
+repetition is one ``step()`` with fixed random gradients. ``optimizers.Muon`` runs with its
+default ``ns_matmul="auto"``: on a CPU without bf16 units its bf16 products are fp32 GEMMs
+(see optimizers/newton_schulz.py); ``muon-step-bf16`` times it with bf16 GEMMs, the
+references' own kernel, to show what that choice buys. ``auon-step`` /
 ``hybrid-auon-step``: AuON / Hybrid-AuON vs Muon on the same parameters. ``lm-train-step``:
 a whole training step (forward, backward, step) of the quickstart 4x128 char GPT with Muon
 vs AdamW, i.e. what Newton-Schulz adds to wall-clock per step on this model.
@@ -36,9 +39,9 @@ def _extra(model: GPT) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _ours(quick: bool, name: str = "muon"):
+def _ours(quick: bool, name: str = "muon", **kw):
     model = _gpt(quick)
-    opt = optimizers.build_optimizer(model, name, lr=0.02, weight_decay=0.1, adam_lr=3e-4)
+    opt = optimizers.build_optimizer(model, name, lr=0.02, weight_decay=0.1, adam_lr=3e-4, **kw)
     return model, opt.step
 
 
@@ -71,6 +74,14 @@ def muon_step(quick: bool) -> Bench:
     model, ours = _ours(quick)
     return Bench({"optimizers.Muon": ours,
                   "muon.SingleDeviceMuonWithAuxAdam": _reference_muon_pkg(quick),
+                  "torch.optim.Muon+AdamW": _reference_torch(quick)}, extra=_extra(model))
+
+
+@case("muon-step-bf16")
+def muon_step_bf16(quick: bool) -> Bench:
+    """optimizers.Muon with bf16 GEMMs (ns_matmul=bf16) vs torch.optim.Muon+AdamW: same kernel."""
+    model, ours = _ours(quick, ns_matmul="bf16")
+    return Bench({"optimizers.Muon(ns_matmul=bf16)": ours,
                   "torch.optim.Muon+AdamW": _reference_torch(quick)}, extra=_extra(model))
 
 
