@@ -31,7 +31,9 @@ def _fit(steps: int, size: dict, dm, monitors: bool, root: str, extra_cbs=()) ->
     torch.manual_seed(0)
     model = LanguageModel(**size, lr=1e-2, warmup_steps=10)
     # The end-of-fit emergence fit and plots are a one-off cost, timed apart below.
-    cbs = [MassiveActivationMonitor(every_n_steps=50, fit=False, plots=False, out_dir=root),
+    # probe="fixed" as in the recipe: the costlier setting (one extra forward per logging step)
+    cbs = [MassiveActivationMonitor(every_n_steps=50, fit=False, plots=False, out_dir=root,
+                                    probe="fixed"),
            StabilityMonitor(every_n_steps=50), SpectralMonitor(every_n_steps=50)] if monitors else []
     cbs += list(extra_cbs)
     L.Trainer(max_steps=steps, callbacks=cbs, logger=TensorBoardLogger(root, name="bench"),
