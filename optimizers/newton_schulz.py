@@ -69,35 +69,27 @@ def _bf16_via_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.float(), y.float()).bfloat16()
 
 
-def _ns_bf16_fp32_gemm(g: torch.Tensor, steps: int) -> torch.Tensor:
-    """``muon.zeropower_via_newtonschulz5`` op for op, products as fp32 GEMMs of bf16 operands."""
+def _quintic(x: torch.Tensor, steps: int, mm) -> torch.Tensor:
+    """``muon.zeropower_via_newtonschulz5``'s op sequence on ``x`` (already in the working
+    dtype), every product taken by ``mm``."""
     a, b, c = _ABC
-    x = g.bfloat16()
     tall = x.size(-2) > x.size(-1)
     x = x.mT if tall else x
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        A = _bf16_via_fp32(x, x.mT)
-        B = b * A + _bf16_via_fp32(c * A, A)
-        x = a * x + _bf16_via_fp32(B, x)
+        A = mm(x, x.mT)
+        B = b * A + mm(c * A, A)
+        x = a * x + mm(B, x)
     return x.mT if tall else x
 
 
 def _ns(x: torch.Tensor, steps: int, dtype: torch.dtype, matmul: str = "auto") -> torch.Tensor:
-    if dtype == torch.bfloat16:
-        if _resolve(matmul, x.device) == "bf16":
-            return zeropower_via_newtonschulz5(x, steps)
-        return _ns_bf16_fp32_gemm(x, steps)
-    # The same quintic in a wider dtype: closer to the exact iteration than the bf16 reference.
-    a, b, c = _ABC
-    tall = x.size(-2) > x.size(-1)
-    x = x.to(dtype)
-    x = x.mT if tall else x
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        A = x @ x.mT
-        x = a * x + (b * A + c * (A @ A)) @ x
-    return x.mT if tall else x
+    if dtype != torch.bfloat16:
+        # The same quintic in a wider dtype: closer to the exact iteration than the bf16 reference.
+        return _quintic(x.to(dtype), steps, torch.matmul)
+    if _resolve(matmul, x.device) == "bf16":
+        return zeropower_via_newtonschulz5(x, steps)
+    return _quintic(x.bfloat16(), steps, _bf16_via_fp32)
 
 
 def distributed_world() -> tuple[int, int]:
