@@ -78,6 +78,18 @@ class MassiveProbe:
         for i, layer in enumerate(self.layers):
             hooks.forward(layer.module, self._hook(i, layer))
 
+    @torch.no_grad()
+    def run(self, model: nn.Module, batch) -> None:
+        """One eval-mode forward of ``batch`` with the hooks attached only for its duration."""
+        was_training = model.training
+        model.eval()
+        try:
+            with Hooks() as hooks:
+                self.attach(hooks)
+                call_model(model, batch)
+        finally:
+            model.train(was_training)
+
     def _hook(self, i: int, layer: Layer):
         def fn(module, args, out):
             if i not in self.stats:
@@ -85,7 +97,6 @@ class MassiveProbe:
         return fn
 
 
-@torch.no_grad()
 def massive_activations(model: nn.Module, batch, layers: str | Sequence[str] = "auto",
                         top_k: int = 5, abs_threshold: float = ABS_THRESHOLD,
                         ratio_threshold: float = RATIO_THRESHOLD) -> dict[str, ActivationStats]:
@@ -97,14 +108,7 @@ def massive_activations(model: nn.Module, batch, layers: str | Sequence[str] = "
     resolved = resolve_layers(model, layers)
     probe = MassiveProbe(resolved, top_k=top_k, abs_threshold=abs_threshold,
                          ratio_threshold=ratio_threshold)
-    was_training = model.training
-    model.eval()
-    try:
-        with Hooks() as hooks:
-            probe.attach(hooks)
-            call_model(model, batch)
-    finally:
-        model.train(was_training)
+    probe.run(model, batch)
     return {resolved[i].name: s for i, s in sorted(probe.stats.items())}
 
 
@@ -154,21 +158,10 @@ class MassiveActivationMonitor(StepMonitor):
         elif self.fixed_batch is None:
             self.fixed_batch = _detached_cpu(batch)
 
-    def _measure_fixed(self, pl_module) -> None:
-        from lightning.fabric.utilities.apply_func import move_data_to_device
-        batch = move_data_to_device(self.fixed_batch, pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad(), Hooks() as hooks:
-                self._probe.attach(hooks)
-                call_model(pl_module, batch)
-        finally:
-            pl_module.train(was_training)
-
     def finish(self, trainer, pl_module, step: int) -> None:
         if self.probe == "fixed":
-            self._measure_fixed(pl_module)
+            from lightning.fabric.utilities.apply_func import move_data_to_device
+            self._probe.run(pl_module, move_data_to_device(self.fixed_batch, pl_module.device))
         metrics = {}
         for i, s in sorted(self._probe.stats.items()):
             self.history.append({"step": step, "layer": i, "name": self._probe.layers[i].name,
