@@ -1,13 +1,20 @@
 """HyperSphere: Muon on a Frobenius sphere (HyperP; Ren et al., "Rethinking Language Model
 Scaling under Transferable Hypersphere Optimization").
 
-Each hidden matrix keeps the Frobenius norm it had at its first step, ``r = ||W_0||_F``.
-With ``U`` the Muon update (Newton-Schulz of the Nesterov momentum), one step is
+Each hidden matrix keeps the Frobenius norm it had at its first step, ``r = ||W_0||_F``
+(the paper's code), or, with ``radius_scale=c``, the muP radius ``r = c * sqrt(fan_out)``:
+the Frobenius norm of a Gaussian matrix with std ``c / sqrt(fan_in)`` (the muP hidden
+init). With ``U`` the Muon update (Newton-Schulz of the Nesterov momentum), one step is
 
     W' = W - lr * (||W||_F / ||U||_F) * U,      W <- r * W' / ||W'||_F
 
 so the *relative* step ``||W' - W||_F / ||W||_F`` is exactly ``lr`` whatever the width:
-the base lr transfers across widths. Decoupled weight decay only rescales ``W``, and the
+the base lr transfers across widths *if* the radius does. Since Muon's ``U`` has (nearly)
+equal singular values, the step's spectral norm is ``lr * r / sqrt(min(fan_out, fan_in))``.
+With the std-0.02 init norm that grows like ``sqrt(width)`` (and so does ``||W||_2``),
+which breaks the muP spectral condition ``||dW||_2 ~ sqrt(fan_out/fan_in)`` (Yang, Simon &
+Bernstein 2023) and moves the best lr down with width; with the muP radius both are
+width-independent at a fixed aspect ratio. Decoupled weight decay only rescales ``W``, and the
 retraction undoes any rescaling, so it is an exact no-op here (the paper's first-order
 statement, exact for this update); it is still applied, so the claim is tested, not assumed.
 Depth: with depth-muP residual branches (``GPTConfig.depth_mup``, 1/sqrt(2L)), the hidden
@@ -36,13 +43,21 @@ class HyperSphere(Muon):
 
     Args beyond :class:`Muon`'s: ``base_depth`` (depth the lr was tuned at; enables the
     depth-muP rule ``lr * sqrt(base_depth/depth)``) and ``depth`` (target depth; inferred
-    from ``param_names`` when omitted). ``adjust_lr`` is unused: the step is relative.
+    from ``param_names`` when omitted), ``radius_scale`` (``None``: keep each matrix's
+    initial norm; ``c``: put it on the muP sphere of radius ``c * sqrt(fan_out)`` at its
+    first step, e.g. ``c = 0.02 * sqrt(width)`` to keep a std-0.02 model's norms at that
+    width). ``adjust_lr`` is unused: the step is relative.
     """
 
     def __init__(self, params, lr: float = 0.02, base_depth: int | None = None,
-                 depth: int | None = None, **kw):
+                 depth: int | None = None, radius_scale: float | None = None, **kw):
+        if radius_scale is not None and not radius_scale > 0:
+            raise ValueError(f"radius_scale must be > 0 (or None to keep the initial norms), "
+                             f"got {radius_scale}")
         super().__init__(params, lr=lr, **kw)
+        self.defaults["radius_scale"] = radius_scale
         for g in self.param_groups:
+            g.setdefault("radius_scale", radius_scale)
             g["lr_depth_factor"] = 1.0
             if g["use_muon"] and base_depth is not None:
                 d = depth or infer_depth(g.get("param_names", []))
@@ -54,7 +69,9 @@ class HyperSphere(Muon):
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         st = self.state[p]
         if "radius" not in st:
-            st["radius"] = torch.linalg.vector_norm(p)
+            c = group.get("radius_scale")
+            st["radius"] = (torch.linalg.vector_norm(p) if c is None
+                            else torch.tensor(c * math.sqrt(p.shape[0]), dtype=p.dtype, device=p.device))
         lr = group["lr"] * group["lr_depth_factor"]
         p.mul_(1 - group["lr"] * group["weight_decay"])
         u = d.float()

@@ -33,6 +33,40 @@ def test_hyperp_keeps_frobenius_norms_and_steps_relative_lr():
         assert p.norm().item() == pytest.approx(norms[n], rel=1e-5), n
 
 
+def test_hyperp_mup_radius_makes_the_spectral_step_width_independent():
+    """radius_scale=c: every hidden matrix sits on ||W||_F = c*sqrt(fan_out) after its first
+    step and stays there, a step moves it by lr*c*sqrt(fan_out) in Frobenius norm, and its
+    spectral norm is about the same at width 32 and 128; with the initial (std 0.02) norms it
+    grows like sqrt(width)."""
+    c, lr = 0.25, 0.05
+    step_norm = {}
+    for radius in (c, None):
+        for width in (32, 128):
+            model = tiny_gpt(n_embd=width, depth_mup=True)
+            opt = optimizers.build_optimizer(model, "hyperp", lr=lr, adam_lr=1e-2,
+                                             radius_scale=radius)
+            w = hidden(model)["blocks.0.attn.c_proj.weight"]
+            train(model, opt, 1)  # the first step also moves W onto the sphere
+            before = w.detach().clone()
+            train(model, opt, 1, start=1)
+            step_norm[radius, width] = torch.linalg.matrix_norm(w.detach() - before, 2).item()
+            if radius is not None:  # the relative step is lr on the muP sphere
+                fro = (w.detach() - before).norm().item()
+                assert fro == pytest.approx(lr * c * math.sqrt(w.shape[0]), rel=0.03)
+            train(model, opt, 2, start=2)
+            if radius is not None:
+                for n, p in hidden(model).items():
+                    assert p.norm().item() == pytest.approx(c * math.sqrt(p.shape[0]), rel=1e-5), n
+    # Newton-Schulz leaves singular values in a band (and a 64-token batch's momentum is
+    # not full rank), so the spectral steps agree to ~30%, against sqrt(128/32) = 2x more
+    # drift with the initial norms.
+    mup, init = (step_norm[r, 128] / step_norm[r, 32] for r in (c, None))
+    assert mup == pytest.approx(1.0, rel=0.35)
+    assert init / mup == pytest.approx(2.0, rel=0.15)
+    with pytest.raises(ValueError, match="radius_scale"):
+        HyperSphere(param_groups(tiny_gpt()), radius_scale=0.0)
+
+
 def test_hyperp_weight_decay_changes_nothing():
     """Exact to float rounding for one step; over more steps the bf16 Newton-Schulz turns
     1e-7 weight differences into ~1% ones, so the loss curve is compared to that noise."""
