@@ -141,6 +141,23 @@ def test_auon_normalization_is_the_paper_formula():
     assert u.norm() <= 1 and torch.linalg.matrix_norm(u, 2) < 1
 
 
+@pytest.mark.parametrize("shape", [(4, 3), (40, 12), (128, 128)])
+def test_auon_cosh_scaling_is_within_its_bound_of_plain_frobenius_normalization(shape):
+    """The docstring's bound: |G_ij| <= 1 and sum G_ij^2 = 1 give
+    mean(cosh(G)^2) <= 1 + sinh(1)^2/N, so U differs from M/||M||_F by < 0.7/N, even for a
+    matrix with one huge entry (the cosh map's best case)."""
+    torch.manual_seed(0)
+    n = shape[0] * shape[1]
+    one_hot = torch.zeros(shape)
+    one_hot[0, 0] = 1.0  # the extreme case: the bound holds with equality
+    spiked = torch.randn(shape)
+    spiked[0, 0] = 1e3
+    for m in (torch.randn(shape), torch.randn(shape) ** 3, spiked, one_hot):
+        u = auon_normalize(m)
+        assert 0 <= 1 - u.norm().item() < math.sinh(1) ** 2 / (2 * n) + 1e-6
+        torch.testing.assert_close(u / u.norm(), m / m.norm())
+
+
 def test_auon_and_hybrid_steps():
     for cls in (AuON, HybridAuON):
         torch.manual_seed(0)
