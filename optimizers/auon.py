@@ -16,10 +16,11 @@ Non-matrix groups get Muon's internal AdamW. Because ``||U||_F <= 1`` rather tha
 
 What to expect: after the Frobenius normalization ``|G_ij| <= 1`` and ``sum G_ij^2 = 1``, so
 ``mean(cosh(G)^2) = 1 + mean(sinh(G)^2) <= 1 + sinh(1)^2 / N``: the cosh division changes the
-update by less than ``0.7 / N`` relative (3e-5 for a 128x128 matrix), whatever the tails. ``U`` is therefore the normalized momentum itself,
-with the momentum's singular spectrum: AuON is per-matrix normalized SGD-momentum, and
-no lr or weight decay gives it Muon's equalized directions (see ``recipes/auon_lm.yaml``
-for how far it lands from Muon on the char GPT).
+update by less than ``0.7 / N`` relative (3e-5 for a 128x128 matrix), whatever the tails.
+``U`` is therefore the normalized momentum itself, with the momentum's singular spectrum:
+AuON is per-matrix normalized SGD-momentum, and no lr or weight decay gives it Muon's
+equalized directions (see ``recipes/auon_lm.yaml`` for how far it lands from Muon on the
+char GPT).
 """
 from __future__ import annotations
 

@@ -72,9 +72,9 @@ class HyperSphere(Muon):
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         st = self.state[p]
         if "radius" not in st:
-            c = group.get("radius_scale")
+            c = group.get("radius_scale")  # absent in checkpoints from before the option
             st["radius"] = (torch.linalg.vector_norm(p) if c is None
-                            else torch.tensor(c * math.sqrt(p.shape[0]), dtype=p.dtype, device=p.device))
+                            else p.new_tensor(c * math.sqrt(p.shape[0])))
         lr = group["lr"] * group["lr_depth_factor"]
         p.mul_(1 - group["lr"] * group["weight_decay"])
         u = d.float()

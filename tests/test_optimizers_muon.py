@@ -11,6 +11,10 @@ from optimizers.newton_schulz import _owners, orthogonalize, orthogonalize_many
 from toolkit.models.gpt import GPT, GPTConfig
 
 
+# Every registry name built on optimizers.Muon (the matrix optimizers of this issue).
+MATRIX_OPTIMIZERS = ("muon", "hyperp", "muonpp", "auon", "hybrid_auon")
+
+
 def tiny_gpt(seed=0, **kw):
     torch.manual_seed(seed)
     return GPT(GPTConfig(**{"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16, **kw}))
@@ -197,7 +201,7 @@ def test_match_rms_adamw_matches_torch_muon_within_bf16():
         assert ((ours - ref).norm() / ref.norm()) < 0.06
 
 
-@pytest.mark.parametrize("name", ["muon", "hyperp", "muonpp", "auon", "hybrid_auon"])
+@pytest.mark.parametrize("name", MATRIX_OPTIMIZERS)
 def test_state_dict_round_trip_resumes_bitwise(name):
     a = tiny_gpt()
     opt = optimizers.build_optimizer(a, name, lr=0.02, weight_decay=0.1, adam_lr=1e-2)
@@ -256,7 +260,7 @@ def test_fsdp_sharded_params_raise_clear_error():
 
 
 FSDP2_SCRIPT = """
-import os, socket, torch.distributed as dist
+import socket, sys, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 import optimizers
@@ -270,7 +274,7 @@ mesh = init_device_mesh("cpu", (1,))
 for block in model.blocks:
     fully_shard(block, mesh=mesh)
 fully_shard(model, mesh=mesh)
-for name in ("muon", "hyperp", "muonpp", "auon", "hybrid_auon"):
+for name in sys.argv[1:]:
     try:
         optimizers.build_optimizer(model, name, lr=0.02)
     except RuntimeError as e:
@@ -286,11 +290,10 @@ def test_real_fsdp2_sharding_is_refused_with_the_fix():
     """A real ``fully_shard`` (FSDP2, DTensor parameters; one gloo rank on CPU), not a flag."""
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT, *MATRIX_OPTIMIZERS],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [w for n in ("muon", "hyperp", "muonpp", "auon", "hybrid_auon")
-                                  for w in ("refused", n)]
+    assert out.stdout.split() == [w for n in MATRIX_OPTIMIZERS for w in ("refused", n)]
 
 
 def test_bad_input_errors_name_the_fix():
