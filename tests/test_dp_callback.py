@@ -133,7 +133,7 @@ class Marked(L.Callback):
     ("marked", "mix examples"),
     ("accumulate", "raise data.batch_size"),
     ("clip", "max_grad_norm"),
-    ("iterable", "sampling='shuffle'"),
+    ("iterable", "map-style dataset"),
     ("delta", "delta < 1/N"),
 ])
 def test_refusals_name_the_fix(tiny_mnist, case, match):

@@ -27,8 +27,10 @@ CLIPPING = ("flat", "per_layer")
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """c_i = min(1, C / ||g_i||); the 1e-6 keeps c_i ||g_i|| <= C when ||g_i|| ~ 0."""
-    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    """c_i = min(1, C / ||g_i||). The relative slack (64 ulp) and the absolute 1e-6 keep
+    c_i ||g_i|| <= C although the ghost norm and the released sum round differently."""
+    slack = 1 + 64 * torch.finfo(norms.dtype).eps
+    return (max_norm / (norms * slack + 1e-6)).clamp(max=1.0)
 
 
 def clipped_sum(pieces: dict[nn.Parameter, Piece], params: list[nn.Parameter],
@@ -60,7 +62,8 @@ def noisy_mean_(params: list[nn.Parameter], sums: list[torch.Tensor], noise_std:
     With torch.distributed initialized the sums of all ranks are added; only ranks with
     ``add_noise`` (rank 0) contribute noise, so it enters the global sum exactly once.
     """
-    flat = torch.cat([s.reshape(-1) for s in sums])
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
+    flat = torch.cat([s.reshape(-1).to(dtype) for s in sums])  # fp32+ whatever the precision
     if add_noise and noise_std > 0:
         flat += torch.normal(0.0, noise_std, flat.shape, generator=generator,
                              device=flat.device, dtype=flat.dtype)

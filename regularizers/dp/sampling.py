@@ -41,7 +41,6 @@ class PoissonBatchSampler:
         self.n, self.q, self.steps, self.world, self.rank = num_samples, sample_rate, steps, world, rank
         self.seed = fresh_seed() if seed is None else seed
         self.first_step = first_step or (lambda: 0)
-        self._next = None
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls it; draws key on the step
         pass
@@ -94,7 +93,8 @@ class PoissonLoader:
         return self.collate_fn(items) if items else self._empty
 
     def __iter__(self):
-        if isinstance(self.dataset, TensorDataset) and self.num_workers == 0:
+        if (isinstance(self.dataset, TensorDataset) and self.num_workers == 0
+                and self.collate_fn is default_collate):  # slicing == default collation
             for idx in self.batch_sampler:
                 idx = torch.as_tensor(idx, dtype=torch.long)
                 yield tuple(t[idx] for t in self.dataset.tensors)

@@ -1,38 +1,41 @@
-"""What would silently void a DP-SGD guarantee, refused with the fix named."""
+"""What would silently void a DP-SGD guarantee, refused with the fix named.
+
+Structural checks run at set-up; :func:`check_step` and :func:`check_optimizers` run again
+at every step, since a callback can change the trainer (``GradientAccumulationScheduler``)
+or the trainable set (``BackboneFinetuning``) mid-run.
+"""
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 from torch import nn
+
+from .errors import PrivacyError
+from .samplers import refusal
 
 MIXING_CALLBACKS = ("KMixup", "Mixup", "MixUp", "CutMix", "Cutmix", "BatchMixup")
 
 
-class PrivacyError(ValueError):
-    """A configuration under which the reported epsilon would not hold."""
+def check_number(name: str, value, low: float = 0.0, high: float = math.inf,
+                 low_open: bool = True, high_open: bool = False) -> float:
+    """A finite real in the interval, else a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    lo_bad = value <= low if low_open else value < low
+    hi_bad = value >= high if high_open else value > high
+    if lo_bad or hi_bad:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name}={value!r} must lie in {lo}{low:g}, {high:g}{hi}")
+    return float(value)
 
 
 def check_model(model: nn.Module) -> None:
-    """Every example's gradient must depend on that example alone, and no buffer may be
-    updated from the data (it would be released without noise)."""
-    problems = []
-    for name, m in model.named_modules():
-        label = name or type(m).__name__
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            problems.append(f"{label} ({type(m).__name__}) mixes the examples of a batch and "
-                            "keeps data-dependent running statistics: use GroupNorm (e.g. "
-                            "Classifier(norm='group')) or LayerNorm")
-        elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
-            problems.append(f"{label} tracks running statistics of the data: set "
-                            "track_running_stats=False or use GroupNorm")
-        elif isinstance(m, (nn.RNNBase, nn.MultiheadAttention)):
-            problems.append(f"{label} ({type(m).__name__}) keeps its weights out of per-example "
-                            "reach: use opacus.layers.DPLSTM/DPGRU/DPMultiheadAttention")
-        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-        has_children = any(True for _ in m.children())
-        if own and has_children and not isinstance(m, nn.MultiheadAttention):
-            problems.append(f"{label} holds parameters {[n for n, p in m.named_parameters(recurse=False) if p.requires_grad]} "
-                            "itself and also has submodules: move them into a leaf module (an "
-                            "nn.Linear, or a small module of their own) so their per-example "
-                            "gradients can be computed")
+    """Refuse modules whose trainable parameters no per-example rule covers (the
+    data-dependent checks are :mod:`.probe`'s)."""
+    problems = [f"{name or type(m).__name__}: {why}" for name, m in model.named_modules()
+                if any(p.requires_grad for p in m.parameters(recurse=False))
+                and (why := refusal(m))]
     if problems:
         raise PrivacyError("DP-SGD cannot train this model privately:\n  - " + "\n  - ".join(problems))
 
@@ -47,13 +50,14 @@ def check_callbacks(callbacks) -> None:
                            "bounds one example's influence: remove them from a DP-SGD run")
 
 
-def check_trainer(trainer) -> None:
+def check_step(trainer) -> None:
+    """The trainer settings that change what one step releases; checked before each step."""
     if trainer.accumulate_grad_batches != 1:
         raise PrivacyError(
-            f"accumulate_grad_batches={trainer.accumulate_grad_batches}: accumulating several "
-            "noisy Poisson batches into one step is not the mechanism the accountant analyses; "
-            "set accumulate_grad_batches: 1 and raise data.batch_size instead (the noise per "
-            "example shrinks with the expected batch size)")
+            f"accumulate_grad_batches={trainer.accumulate_grad_batches} (set directly or by a "
+            "GradientAccumulationScheduler): only the last micro-batch would be privatized and "
+            "the accountant analyses one Poisson batch per step; set accumulate_grad_batches 1 "
+            "and raise data.batch_size instead")
     if trainer.gradient_clip_val not in (None, 0, 0.0):
         raise PrivacyError(
             f"gradient_clip_val={trainer.gradient_clip_val}: the trainer's clipping of the noisy "
@@ -63,3 +67,19 @@ def check_trainer(trainer) -> None:
     if module is not None and not module.automatic_optimization:
         raise PrivacyError("DPSGD supports automatic optimization only; for manual optimization "
                            "call regularizers.dp.privatize_ yourself before optimizer.step()")
+
+
+check_trainer = check_step
+
+
+def check_optimizers(optimizers, privatized: list) -> None:
+    """Every tensor an optimizer may step must be privatized now: a tensor outside the
+    module (a learnable temperature passed beside ``parameters()``) would go out raw."""
+    ours = {id(p) for p in privatized}
+    stray = [tuple(p.shape) for opt in optimizers for g in opt.param_groups for p in g["params"]
+             if id(p) not in ours and (p.requires_grad or p.grad is not None)]
+    if stray:
+        raise PrivacyError(f"the optimizer steps tensors of shapes {stray} that DP-SGD does not "
+                           "privatize (tensors that are not trainable parameters of a module of "
+                           "the LightningModule): make them nn.Parameters of a submodule, or "
+                           "freeze them")

@@ -1,0 +1,63 @@
+"""The privacy ledger and its budget: pure bookkeeping over :mod:`.accounting`, no Lightning.
+
+A ledger is the accountant's history, ``(sigma, q, steps)`` segments. A budget answers
+"does one more step at (sigma, q) stay within target_epsilon?" for whatever q the current
+step has: the step limit is recomputed whenever (sigma, q) changes, so a sample rate that
+grows mid-run (a reloaded loader with a larger batch) can never carry the run past its
+target on a limit computed for the old rate.
+"""
+from __future__ import annotations
+
+import math
+
+from . import accounting
+
+UPPER = 1 << 20  # steps searched per (sigma, q): more than any run here takes
+
+
+class Ledger:
+    def __init__(self, delta: float, accountant: str = "prv", target_epsilon: float | None = None):
+        self.delta, self.accountant, self.target = delta, accountant, target_epsilon
+        self.segments: list[list] = []
+        self._limit: tuple | None = None  # ((sigma, q), total steps allowed at that rate)
+
+    @property
+    def steps(self) -> int:
+        return sum(int(n) for _, _, n in self.segments)
+
+    def add(self, sigma: float, q: float) -> None:
+        if self.segments and self.segments[-1][:2] == [sigma, q]:
+            self.segments[-1][2] += 1
+        else:
+            self.segments.append([sigma, q, 1])
+
+    def epsilon(self, extra: tuple | None = None) -> float:
+        history = [tuple(s) for s in self.segments] + ([extra] if extra else [])
+        return accounting.epsilon(history, self.delta, self.accountant)
+
+    def allows(self, sigma: float, q: float) -> bool:
+        """True if one more step at (sigma, q) keeps epsilon <= target (always without one)."""
+        if self.target is None:
+            return True
+        if self._limit is None or self._limit[0] != (sigma, q):
+            spent = [tuple(s) for s in self.segments]
+            more = accounting.max_steps(spent, sigma, q, self.target, self.delta,
+                                        self.accountant, upper=UPPER)
+            self._limit = ((sigma, q), self.steps + more)
+        if self.steps + 1 <= self._limit[1]:
+            return True
+        return self.epsilon((sigma, q, 1)) <= self.target  # past the searched range
+
+    def remaining(self, sigma: float, q: float) -> float:
+        """Steps left at (sigma, q) within the target (inf without one)."""
+        if self.target is None:
+            return math.inf
+        self.allows(sigma, q)
+        return max(0, self._limit[1] - self.steps)
+
+    def state_dict(self) -> dict:
+        return {"ledger": [list(s) for s in self.segments]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.segments = [list(s) for s in state["ledger"]]
+        self._limit = None

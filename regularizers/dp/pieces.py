@@ -1,0 +1,127 @@
+"""One parameter's per-example gradients, kept in the cheapest exact form.
+
+Every form gives the squared per-example norms (for clipping) and the weighted sum
+sum_i c_i g_i (the clipped sum) without storing B copies of the parameter unless that
+is the cheaper way. Arithmetic is fp32 or wider whatever the trainer's precision: the
+samplers widen activations and output gradients before building a piece, so the norms
+that decide clipping and the sum that is released are computed from the same values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 unless it is already fp32/fp64 (bf16 sums drift past C)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class Piece:
+    def norm2(self) -> torch.Tensor:  # (B,) squared per-example norms
+        raise NotImplementedError
+
+    def weighted_sum(self, c: torch.Tensor) -> torch.Tensor:  # sum_i c_i g_i
+        raise NotImplementedError
+
+    def materialize(self) -> torch.Tensor:  # (B, *param.shape)
+        raise NotImplementedError
+
+
+@dataclass
+class Dense(Piece):
+    gs: torch.Tensor
+
+    def __post_init__(self):
+        self.gs = wide(self.gs)
+
+    def norm2(self):
+        return self.gs.flatten(1).square().sum(1)
+
+    def weighted_sum(self, c):
+        return torch.tensordot(c.to(self.gs.dtype), self.gs, dims=1)
+
+    def materialize(self):
+        return self.gs
+
+
+@dataclass
+class LinearLike(Piece):
+    """Weight gradient G_i^T A_i with A: (B, T, d), G: (B, T, p), viewed as ``shape``.
+
+    The norm is the ghost norm ||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T> (Goodfellow
+    2015; Li et al. 2022) when T (d + p) < d p, else the materialized gradient's; the sum
+    is ONE matmul (c * G)^T A over all B*T rows ("book-keeping", Bu et al. 2023).
+    ``transposed`` views the result as (d, p), for HF ``Conv1D`` whose weight is (in, out).
+    """
+    A: torch.Tensor
+    G: torch.Tensor
+    shape: torch.Size
+    transposed: bool = False
+
+    def __post_init__(self):
+        self.A, self.G = wide(self.A), wide(self.G)
+        if self.A.dtype != self.G.dtype:
+            self.A = self.A.to(self.G.dtype)
+
+    def norm2(self):
+        B, T, d = self.A.shape
+        p = self.G.shape[-1]
+        if T == 1:
+            return self.A.square().sum((1, 2)) * self.G.square().sum((1, 2))
+        if T * (d + p) < d * p:
+            return (torch.bmm(self.A, self.A.transpose(1, 2))
+                    * torch.bmm(self.G, self.G.transpose(1, 2))).sum((1, 2))
+        return self.materialize().flatten(1).square().sum(1)
+
+    def weighted_sum(self, c):
+        p, d = self.G.shape[-1], self.A.shape[-1]
+        Gc = (self.G * c.to(self.G.dtype)[:, None, None]).reshape(-1, p)
+        A = self.A.reshape(-1, d)
+        return (A.T @ Gc if self.transposed else Gc.T @ A).reshape(self.shape)
+
+    def materialize(self):
+        if self.transposed:
+            return torch.bmm(self.A.transpose(1, 2), self.G).reshape(-1, *self.shape)
+        return torch.bmm(self.G.transpose(1, 2), self.A).reshape(-1, *self.shape)
+
+
+@dataclass
+class EmbeddingRows(Piece):
+    """Rows idx of the table receive G: norm sum_{t,s} [x_t = x_s] <G_t, G_s>."""
+    idx: torch.Tensor  # (B, T) token ids
+    G: torch.Tensor    # (B, T, p)
+    num_embeddings: int
+
+    def __post_init__(self):
+        self.G = wide(self.G)
+
+    def norm2(self):
+        if self.idx.shape[1] == 1:
+            return self.G.square().sum((1, 2))
+        same = (self.idx[:, :, None] == self.idx[:, None, :]).to(self.G.dtype)
+        return (torch.bmm(self.G, self.G.transpose(1, 2)) * same).sum((1, 2))
+
+    def weighted_sum(self, c):
+        p = self.G.shape[-1]
+        out = self.G.new_zeros(self.num_embeddings, p)
+        return out.index_add_(0, self.idx.reshape(-1),
+                              (self.G * c.to(self.G.dtype)[:, None, None]).reshape(-1, p))
+
+    def materialize(self):
+        B, T, p = self.G.shape
+        out = self.G.new_zeros(B, self.num_embeddings, p)
+        return out.scatter_add_(1, self.idx[:, :, None].expand(B, T, p), self.G)
+
+
+def combine(pieces: list[Piece]) -> Piece:
+    """One parameter's pieces from several calls (weight tying, recurrence) as one piece:
+    per-example gradients add; for linear-like calls that is concatenation along T."""
+    if len(pieces) == 1:
+        return pieces[0]
+    lin = [q for q in pieces if isinstance(q, LinearLike)]
+    if len(lin) == len(pieces) and len({q.transposed for q in lin}) == 1:
+        return LinearLike(torch.cat([q.A for q in lin], 1), torch.cat([q.G for q in lin], 1),
+                          lin[0].shape, lin[0].transposed)
+    return Dense(sum(q.materialize() for q in pieces))
