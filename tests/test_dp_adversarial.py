@@ -256,7 +256,7 @@ class Growing(Plain):
 def test_target_epsilon_holds_when_the_sample_rate_grows():
     x = torch.randn(200, 6)
     y = torch.randint(0, 3, (200,))
-    cb = dp(noise_multiplier=None, target_epsilon=2.0, delta=1e-4)
+    cb = dp(noise_multiplier=None, target_epsilon=2.0, delta=1e-4, accountant="rdp")
     t = L.Trainer(callbacks=[cb], max_epochs=6, reload_dataloaders_every_n_epochs=1, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, accelerator="cpu")
@@ -425,3 +425,12 @@ def test_per_example_gradients_equal_a_naive_loop(name):
             torch.testing.assert_close(pieces[p].weighted_sum(e), r, rtol=1e-9, atol=1e-12)
         n2 = sum(pieces[p].norm2()[i] for p in params)
         torch.testing.assert_close(n2, sum(r.square().sum() for r in ref), rtol=1e-9, atol=1e-12)
+
+
+def test_training_metrics_can_be_kept_out_of_the_logs():
+    for hide in (False, True):
+        m = Plain(mlp())
+        t = fit(m, X, Y, [dp(hide_training_metrics=hide)], max_steps=-1, max_epochs=1)
+        assert ("train/loss" in t.logged_metrics) is not hide
+        assert "dp/epsilon" in t.logged_metrics
+        assert "log" not in vars(m)  # the module is left as it was

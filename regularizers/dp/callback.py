@@ -9,10 +9,8 @@ clipped, noised, normalized sum, so any optimizer steps on private gradients.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,15 +23,11 @@ from .errors import PrivacyError
 from .loader import private_loader, why_not_once_per_pass
 from .mechanism import CLIPPING, privatize_
 from .per_sample import PerSampleGradients
-from .probe import probe
+from .probe import probe_module
+from .report import build_report, publish
 from .sampling import fresh_seed, step_generator
 from .validate import check_callbacks, check_number, check_optimizers, check_step
 
-SHUFFLE_ANALYSIS = ("shuffled fixed-size batches, no privacy amplification by sampling: each "
-                    "pass counted as one full-batch Gaussian release (sensitivity C under "
-                    "zero-out adjacency), composed over passes; the loader is checked to show "
-                    "each example at most once per pass")
-POISSON_ANALYSIS = "Poisson-subsampled Gaussian mechanism (add/remove adjacency)"
 # Hooks that see the private training batch: with hide_training_metrics their logs are dropped.
 TRAINING_HOOKS = {"training_step", "on_train_batch_start", "on_train_batch_end", "on_before_backward",
                   "on_after_backward", "on_before_optimizer_step", "on_train_epoch_end",
@@ -205,28 +199,9 @@ class DPSGD(L.Callback):
                                                 self.sample_rate, max(1, int(todo)), self.accountant)
 
     def _probe(self, trainer, pl_module) -> None:
-        ds, collate = self.data.loader.dataset, self.data.loader.collate_fn
-        n = min(len(ds), self.probe_examples + 1)
-        items = [ds[i] for i in range(n)]
-
-        def loss_of(batch):
-            out = pl_module.training_step(batch, 0)
-            loss = out["loss"] if isinstance(out, dict) else out
-            if not isinstance(loss, torch.Tensor):
-                raise PrivacyError("training_step returned no loss on the probe batch")
-            return loss
-        had_log = "log" in vars(pl_module)
-        log = pl_module.log
-        pl_module.log = pl_module.log_dict = lambda *a, **k: None  # the probe logs nothing
-        try:
-            probe(pl_module, self.engine, loss_of, collate, items,
-                  lambda b: trainer.strategy.batch_to_device(b))
-        finally:
-            del pl_module.log_dict
-            if had_log:
-                pl_module.log = log
-            else:
-                del pl_module.log
+        loader = self.data.loader
+        probe_module(pl_module, self.engine, loader.dataset, loader.collate_fn,
+                     self.probe_examples, trainer.strategy.batch_to_device)
 
     # ------------------------------------------------------------------ per step
     def _charges_now(self) -> bool:
@@ -288,27 +263,10 @@ class DPSGD(L.Callback):
         return self.budget.epsilon()
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        d = self.data
-        self.report = {
-            "epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.sigma,
-            "sample_rate": d and d.sample_rate, "steps": trainer.global_step,
-            "accounted_steps": self.budget.steps, "accountant": self.accountant,
-            "max_grad_norm": self.max_grad_norm, "clipping": self.clipping,
-            "expected_batch_size": d and d.expected_batch_size,
-            "num_samples": d and d.num_samples, "sampling": self.sampling,
-            "analysis": POISSON_ANALYSIS if self.sampling == "poisson" else SHUFFLE_ANALYSIS,
-            "training_metrics_logged": not self.hide_training_metrics,
-            "ledger": [list(s) for s in self.ledger]}
+        self.report = build_report(self, trainer.global_step)
         log_dir = trainer.log_dir if trainer.logger is not None else None  # collective under DDP
         if trainer.is_global_zero:
-            r = self.report
-            rank_zero_info(f"DP-SGD report: epsilon={r['epsilon']:.4f} delta={r['delta']:g} "
-                           f"sigma={r['noise_multiplier']:.4g} q={r['sample_rate']:.5g} "
-                           f"steps={r['accounted_steps']} accountant={r['accountant']} "
-                           f"C={r['max_grad_norm']} ({r['analysis']})")
-            if log_dir is not None:
-                Path(log_dir).mkdir(parents=True, exist_ok=True)
-                (Path(log_dir) / "dp_report.json").write_text(json.dumps(r, indent=2))
+            publish(self.report, log_dir)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.engine is not None:

@@ -176,3 +176,25 @@ def probe(model: torch.nn.Module, engine: PerSampleGradients, loss_of: Callable,
                                    f"({_norm(got):.6g}): a per-example rule is inconsistent")
     finally:
         model.train(was)
+
+
+def probe_module(module, engine: PerSampleGradients, dataset, collate: Callable, n: int,
+                 to_device: Callable) -> None:
+    """:func:`probe` on a LightningModule's ``training_step`` with its first ``n + 1``
+    training examples; ``self.log`` is muted so the probe logs nothing."""
+    items = [dataset[i] for i in range(min(len(dataset), n + 1))]
+
+    def loss_of(batch):
+        out = module.training_step(batch, 0)
+        loss = out["loss"] if isinstance(out, dict) else out
+        if not isinstance(loss, torch.Tensor):
+            raise PrivacyError("training_step returned no loss on the probe batch")
+        return loss
+    saved = {k: vars(module)[k] for k in ("log", "log_dict") if k in vars(module)}
+    module.log = module.log_dict = lambda *a, **k: None
+    try:
+        probe(module, engine, loss_of, collate, items, to_device)
+    finally:
+        del module.log, module.log_dict
+        for k, v in saved.items():
+            setattr(module, k, v)

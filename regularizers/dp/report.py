@@ -1,0 +1,41 @@
+"""What a DP-SGD run reports: epsilon, the mechanism's parameters and the analysis used."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_info
+
+SHUFFLE_ANALYSIS = ("shuffled fixed-size batches, no privacy amplification by sampling: each "
+                    "pass counted as one full-batch Gaussian release (sensitivity C under "
+                    "zero-out adjacency), composed over passes; the loader is checked to show "
+                    "each example at most once per pass")
+POISSON_ANALYSIS = "Poisson-subsampled Gaussian mechanism (add/remove adjacency)"
+
+
+def build_report(dp, steps: int) -> dict:
+    """The report of a ``DPSGD`` callback after ``steps`` trainer steps."""
+    d = dp.data
+    return {
+        "epsilon": dp.epsilon(), "delta": dp.delta, "noise_multiplier": dp.sigma,
+        "sample_rate": d and d.sample_rate, "steps": steps, "accounted_steps": dp.budget.steps,
+        "accountant": dp.accountant, "max_grad_norm": dp.max_grad_norm, "clipping": dp.clipping,
+        "expected_batch_size": d and d.expected_batch_size, "num_samples": d and d.num_samples,
+        "sampling": dp.sampling,
+        "analysis": POISSON_ANALYSIS if dp.sampling == "poisson" else SHUFFLE_ANALYSIS,
+        "training_metrics_logged": not dp.hide_training_metrics,
+        "ledger": [list(s) for s in dp.ledger]}
+
+
+def publish(r: dict, log_dir: str | None) -> None:
+    """Print the report and write ``dp_report.json`` into the run folder (rank 0 only)."""
+    q = r["sample_rate"] if r["sample_rate"] is not None else float("nan")
+    rank_zero_info(f"DP-SGD report: epsilon={r['epsilon']:.4f} delta={r['delta']:g} "
+                   f"sigma={r['noise_multiplier'] or float('nan'):.4g} q={q:.5g} "
+                   f"steps={r['accounted_steps']} accountant={r['accountant']} "
+                   f"C={r['max_grad_norm']} ({r['analysis']})")
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(log_dir) / "dp_report.json.tmp"
+        tmp.write_text(json.dumps(r, indent=2))
+        tmp.replace(Path(log_dir) / "dp_report.json")  # never a half-written report
