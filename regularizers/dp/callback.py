@@ -23,7 +23,7 @@ from .errors import PrivacyError
 from .loader import private_loader, why_not_once_per_pass
 from .mechanism import CLIPPING, privatize_
 from .per_sample import PerSampleGradients
-from .probe import probe_module
+from .probe import batch_rows, probe_module
 from .report import build_report, publish
 from .sampling import fresh_seed, step_generator
 from .validate import check_callbacks, check_number, check_optimizers, check_step
@@ -220,6 +220,7 @@ class DPSGD(L.Callback):
         self._privatized = 0
         self.engine.clear()
         self.engine.capturing = True
+        self.engine.batch_size = batch_rows(batch)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.engine.capturing = False

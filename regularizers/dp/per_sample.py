@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import PrivacyError
 from .pieces import Piece, combine
-from .samplers import Sampler, refusal, sampler_for
+from .samplers import Sampler, _embedding, refusal, sampler_for
 
 
 @dataclass
@@ -55,6 +55,7 @@ class PerSampleGradients:
         self._handles = []
         self.how: dict[str, str] = {}
         self.capturing = False
+        self.batch_size: int | None = None  # the step's batch size, when known
         for name, m in model.named_modules():
             own = _owned(m)
             if not own:
@@ -94,6 +95,13 @@ class PerSampleGradients:
                                    "return one tensor (wrap the parameters in a leaf module)")
             if not output.requires_grad:
                 return
+            B = self.batch_size
+            if (fn is _embedding and B is not None and B != 1 and inputs[0].shape[0] == 1
+                    and output.shape[0] == 1):
+                # a position table indexed by a (1, T) index broadcast over the batch (HF
+                # GPT-2): expanding the output gives the add its per-example gradients
+                inputs = (inputs[0].expand(B, *inputs[0].shape[1:]),) + tuple(inputs[1:])
+                output = output.expand(B, *output.shape[1:])
             call = _Call(tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs))
             self._calls[module].append(call)
             self._samplers[module] = fn
@@ -102,13 +110,15 @@ class PerSampleGradients:
                 g = g.detach()
                 call.grad = g * g.shape[0] if self.reduction == "mean" else g
             output.register_hook(grad_hook)
+            return output
         return hook
 
     @contextlib.contextmanager
-    def capture(self):
-        """Record the forward/backward inside the block (clears earlier records)."""
+    def capture(self, batch_size: int | None = None):
+        """Record the forward/backward inside the block (clears earlier records).
+        ``batch_size`` lets a (1, T)-indexed position table be expanded to the batch."""
         self.clear()
-        self.capturing = True
+        self.capturing, self.batch_size = True, batch_size
         try:
             yield self
         finally:

@@ -115,13 +115,65 @@ class EmbeddingRows(Piece):
         return out.scatter_add_(1, self.idx[:, :, None].expand(B, T, p), self.G)
 
 
+def _has_cross(a: Piece, b: Piece) -> bool:
+    kinds = {type(a), type(b)}
+    return kinds == {EmbeddingRows, LinearLike} and not getattr(a, "transposed", False) \
+        and not getattr(b, "transposed", False)
+
+
+def _cross(a: Piece, b: Piece) -> torch.Tensor | None:
+    """Per-example <g_a, g_b> without materializing, where a closed form exists: a table
+    used as an Embedding (rows x_t get G_t) and as a Linear head (G'^T A, weight tying):
+    <g_e, g_l> = sum_t <G_t, g_l[x_t]> = sum_{s,t} G'[s, x_t] (A_s . G_t)."""
+    if not _has_cross(a, b):
+        return None
+    if isinstance(a, LinearLike):
+        a, b = b, a
+    B, S, T = b.A.shape[0], b.A.shape[1], a.idx.shape[1]
+    M = torch.bmm(b.A, a.G.transpose(1, 2))                                  # (B, S, T)
+    H = b.G.gather(2, a.idx[:, None, :].expand(B, S, T))                     # G'[s, x_t]
+    return (M * H).sum((1, 2))
+
+
+@dataclass
+class Tied(Piece):
+    """One parameter used by modules of different kinds: norms by the cross terms."""
+    parts: list
+
+    def norm2(self):
+        n2 = sum(q.norm2() for q in self.parts)
+        for i, a in enumerate(self.parts):
+            for b in self.parts[i + 1:]:
+                n2 = n2 + 2 * _cross(a, b)
+        return n2
+
+    def weighted_sum(self, c):
+        return sum(q.weighted_sum(c) for q in self.parts)
+
+    def materialize(self):
+        return sum(q.materialize() for q in self.parts)
+
+
 def combine(pieces: list[Piece]) -> Piece:
     """One parameter's pieces from several calls (weight tying, recurrence) as one piece:
-    per-example gradients add; for linear-like calls that is concatenation along T."""
+    per-example gradients add. Linear-like calls concatenate along T, and so do Embedding
+    calls; a table tied to a Linear head keeps both forms (:class:`Tied`)."""
     if len(pieces) == 1:
         return pieces[0]
-    lin = [q for q in pieces if isinstance(q, LinearLike)]
-    if len(lin) == len(pieces) and len({q.transposed for q in lin}) == 1:
-        return LinearLike(torch.cat([q.A for q in lin], 1), torch.cat([q.G for q in lin], 1),
-                          lin[0].shape, lin[0].transposed)
+    groups: list[Piece] = []
+    for kind in (True, False):
+        lin = [q for q in pieces if isinstance(q, LinearLike) and q.transposed is kind]
+        if lin:
+            groups.append(LinearLike(torch.cat([q.A for q in lin], 1),
+                                     torch.cat([q.G for q in lin], 1), lin[0].shape, kind))
+    emb = [q for q in pieces if isinstance(q, EmbeddingRows)]
+    if emb:
+        groups.append(EmbeddingRows(torch.cat([q.idx for q in emb], 1),
+                                    torch.cat([q.G for q in emb], 1), emb[0].num_embeddings))
+    rest = [q for q in pieces if not isinstance(q, (LinearLike, EmbeddingRows))]
+    if len(groups) == 1 and not rest:
+        return groups[0]
+    if not rest and all(_has_cross(a, b) for i, a in enumerate(groups)
+                        for b in groups[i + 1:]):
+        return Tied(groups)
     return Dense(sum(q.materialize() for q in pieces))

@@ -43,6 +43,11 @@ def _leaves(x):
             yield from _leaves(v)
 
 
+def batch_rows(batch) -> int | None:
+    """The number of examples in a batch: the first dimension of its first tensor."""
+    return next((t.shape[0] for t in _leaves(batch) if t.dim() > 0), None)
+
+
 def _seeded(fn, seed=0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -109,7 +114,7 @@ def probe(model: torch.nn.Module, engine: PerSampleGradients, loss_of: Callable,
         was = model.training
         model.train(train)
         try:
-            with engine.capture():
+            with engine.capture(batch_size=k):
                 loss = _seeded(lambda: loss_of(batch), seed=1)
                 torch.autograd.grad(loss, params, allow_unused=True)
                 sizes = {c.grad.shape[0] for calls in engine._calls.values() for c in calls
@@ -127,7 +132,7 @@ def probe(model: torch.nn.Module, engine: PerSampleGradients, loss_of: Callable,
             raise PrivacyError(f"the training forward writes the parameters {written} in place "
                                "(e.g. Embedding(max_norm=...)): a data-dependent write no "
                                "noise covers; remove it")
-        if sizes - {k}:
+        if sizes != {k}:
             raise PrivacyError(f"parameterized modules saw first dimensions {sorted(sizes)} on a "
                                f"batch of {k} examples: every module must see the batch in dim 0")
         return pieces, after
