@@ -146,6 +146,10 @@ class DPSGD(L.Callback):
                                "a release of its own: use a first-order optimizer with DPSGD")
         self.engine = PerSampleGradients(pl_module, self.loss_reduction)
         self._recheck_trainable(trainer)
+        # One process and the module's own backward untouched: backward computes output
+        # gradients only. Under DDP the reducer expects weight gradients, so not there.
+        if trainer.world_size == 1 and type(pl_module).backward is L.LightningModule.backward:
+            pl_module.backward = lambda loss, *args, **kwargs: self.engine.backward(loss)
 
     def _recheck_trainable(self, trainer) -> None:
         now = frozenset(id(p) for p in self.engine.params)
@@ -273,8 +277,9 @@ class DPSGD(L.Callback):
         if self.engine is not None:
             self.engine.remove()
             self.engine = None
-        if stage == "fit" and self.hide_training_metrics and "log" in vars(pl_module):
-            del pl_module.log
+        for attr in ("log", "backward") if stage == "fit" else ():
+            if attr in vars(pl_module):
+                delattr(pl_module, attr)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

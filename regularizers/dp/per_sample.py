@@ -27,6 +27,7 @@ from .samplers import Sampler, _embedding, refusal, sampler_for
 class _Call:
     acts: tuple
     grad: torch.Tensor | None = None
+    out: torch.Tensor | None = None  # kept until backward
 
 
 def _owned(m: nn.Module) -> list[nn.Parameter]:
@@ -102,7 +103,8 @@ class PerSampleGradients:
                 # GPT-2): expanding the output gives the add its per-example gradients
                 inputs = (inputs[0].expand(B, *inputs[0].shape[1:]),) + tuple(inputs[1:])
                 output = output.expand(B, *output.shape[1:])
-            call = _Call(tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs))
+            call = _Call(tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs),
+                         out=output)
             self._calls[module].append(call)
             self._samplers[module] = fn
 
@@ -123,6 +125,17 @@ class PerSampleGradients:
             yield self
         finally:
             self.capturing = False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward DP-SGD needs: the hooked modules' output gradients only. Autograd
+        then skips every weight's own gradient (dW = G^T A, a third of a backward), which
+        the mechanism would overwrite anyway; ``.grad`` is left untouched."""
+        outs = [c.out for calls in self._calls.values() for c in calls if c.out is not None]
+        if outs:
+            torch.autograd.grad(loss, outs, allow_unused=True)  # the tensor hooks fire
+        for calls in self._calls.values():
+            for c in calls:
+                c.out = None
 
     def clear(self) -> None:
         for calls in self._calls.values():

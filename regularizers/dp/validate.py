@@ -63,6 +63,10 @@ def check_step(trainer) -> None:
             f"gradient_clip_val={trainer.gradient_clip_val}: the trainer's clipping of the noisy "
             "batch gradient is not DP-SGD's per-example clipping; remove gradient_clip_val and "
             "set DPSGD(max_grad_norm=...)")
+    if str(trainer.precision) in ("16-mixed", "16"):
+        raise PrivacyError(f"precision={trainer.precision!r} scales the loss by a dynamic factor "
+                           "before the per-example gradients are clipped: use 'bf16-mixed' or "
+                           "'32-true'")
     module = trainer.lightning_module
     if module is not None and not module.automatic_optimization:
         raise PrivacyError("DPSGD supports automatic optimization only; for manual optimization "
