@@ -63,18 +63,23 @@ def noisy_mean_(params: list[nn.Parameter], sums: list[torch.Tensor], noise_std:
     ``add_noise`` (rank 0) contribute noise, so it enters the global sum exactly once.
     """
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
-    flat = torch.cat([s.reshape(-1).to(dtype) for s in sums])  # fp32+ whatever the precision
-    if add_noise and noise_std > 0:
-        flat += torch.normal(0.0, noise_std, flat.shape, generator=generator,
-                             device=flat.device, dtype=flat.dtype)
+    device = sums[0].device if sums else None
+    n = sum(s.numel() for s in sums)
+    if add_noise and noise_std > 0:  # fp32+ whatever the precision; one draw for all tensors
+        flat = torch.normal(0.0, noise_std, (n,), generator=generator, device=device, dtype=dtype)
+    else:
+        flat = torch.zeros(n, device=device, dtype=dtype)
+    i = 0
+    for s in sums:
+        flat[i:i + s.numel()] += s.reshape(-1)
+        i += s.numel()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat /= expected_batch_size
     i = 0
     for p in params:
-        n = p.numel()
-        p.grad = flat[i:i + n].view_as(p).to(p.dtype)
-        i += n
+        p.grad = flat[i:i + p.numel()].view_as(p).to(p.dtype)
+        i += p.numel()
 
 
 def privatize_(engine: PerSampleGradients, max_grad_norm: float, noise_multiplier: float,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import PrivacyError
-from .pieces import Piece, combine
+from .pieces import Piece, Scaled, combine
 from .samplers import Sampler, _embedding, refusal, sampler_for
 
 
@@ -110,7 +110,7 @@ class PerSampleGradients:
 
             def grad_hook(g):
                 g = g.detach()
-                call.grad = g * g.shape[0] if self.reduction == "mean" else g
+                call.grad = g
             output.register_hook(grad_hook)
             return output
         return hook
@@ -168,7 +168,11 @@ class PerSampleGradients:
                                f"the batch ({B} examples): per-example gradients need every "
                                "parameterized module to see a batch-first input (index a position "
                                "embedding with a (B, T) tensor, not arange(T))")
-        return {p: combine(v) for p, v in per_param.items()}
+        pieces = {p: combine(v) for p, v in per_param.items()}
+        if self.reduction == "mean" and sizes:  # G was of the batch mean: example i's is B G_i
+            B = next(iter(sizes))
+            pieces = {p: Scaled(v, float(B)) for p, v in pieces.items()}
+        return pieces
 
     def remove(self) -> None:
         for h in self._handles:

@@ -18,6 +18,11 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def _rows_norm2(t: torch.Tensor) -> torch.Tensor:
+    """Squared norm of each row of ``t`` (B, ...) in one pass."""
+    return torch.linalg.vector_norm(t.reshape(len(t), -1), dim=1).square()
+
+
 class Piece:
     def norm2(self) -> torch.Tensor:  # (B,) squared per-example norms
         raise NotImplementedError
@@ -37,7 +42,7 @@ class Dense(Piece):
         self.gs = wide(self.gs)
 
     def norm2(self):
-        return self.gs.flatten(1).square().sum(1)
+        return _rows_norm2(self.gs)
 
     def weighted_sum(self, c):
         return torch.tensordot(c.to(self.gs.dtype), self.gs, dims=1)
@@ -60,28 +65,43 @@ class LinearLike(Piece):
     shape: torch.Size
     transposed: bool = False
 
+    keep: bool = False  # keep A and G after materializing (a Tied piece needs them)
+
     def __post_init__(self):
         self.A, self.G = wide(self.A), wide(self.G)
         if self.A.dtype != self.G.dtype:
             self.A = self.A.to(self.G.dtype)
+        self._gs = None
 
     def norm2(self):
+        if self._gs is not None:
+            return _rows_norm2(self._gs)
         B, T, d = self.A.shape
         p = self.G.shape[-1]
         if T == 1:
             return self.A.square().sum((1, 2)) * self.G.square().sum((1, 2))
-        if T * (d + p) < d * p:
+        if T * (d + p) < d * p:  # (B, p, d) would outweigh A and G: ghost norm
             return (torch.bmm(self.A, self.A.transpose(1, 2))
                     * torch.bmm(self.G, self.G.transpose(1, 2))).sum((1, 2))
-        return self.materialize().flatten(1).square().sum(1)
+        # (B, p, d) is no larger than A and G: materialize once, and the clipped sum is
+        # then a (B,) x (B, p, d) contraction instead of a second (B T)-row matmul
+        self._gs = self.materialize()
+        if not self.keep:
+            self.A = self.G = None
+        return _rows_norm2(self._gs)
 
     def weighted_sum(self, c):
+        if self._gs is not None:
+            return torch.tensordot(c.to(self._gs.dtype), self._gs, dims=1)
         p, d = self.G.shape[-1], self.A.shape[-1]
-        Gc = (self.G * c.to(self.G.dtype)[:, None, None]).reshape(-1, p)
-        A = self.A.reshape(-1, d)
-        return (A.T @ Gc if self.transposed else Gc.T @ A).reshape(self.shape)
+        c = c.to(self.G.dtype)[:, None, None]
+        G, A = (self.G * c, self.A) if p <= d else (self.G, self.A * c)  # scale the smaller
+        G, A = G.reshape(-1, p), A.reshape(-1, d)
+        return (A.T @ G if self.transposed else G.T @ A).reshape(self.shape)
 
     def materialize(self):
+        if self._gs is not None:
+            return self._gs
         if self.transposed:
             return torch.bmm(self.A.transpose(1, 2), self.G).reshape(-1, *self.shape)
         return torch.bmm(self.G.transpose(1, 2), self.A).reshape(-1, *self.shape)
@@ -115,6 +135,23 @@ class EmbeddingRows(Piece):
         return out.scatter_add_(1, self.idx[:, :, None].expand(B, T, p), self.G)
 
 
+@dataclass
+class Scaled(Piece):
+    """``s`` times a piece: the loss's mean over the batch undone (s = B) without a pass
+    over every output gradient."""
+    piece: Piece
+    s: float
+
+    def norm2(self):
+        return self.piece.norm2() * self.s ** 2
+
+    def weighted_sum(self, c):
+        return self.piece.weighted_sum(c * self.s)
+
+    def materialize(self):
+        return self.piece.materialize() * self.s
+
+
 def _has_cross(a: Piece, b: Piece) -> bool:
     kinds = {type(a), type(b)}
     return kinds == {EmbeddingRows, LinearLike} and not getattr(a, "transposed", False) \
@@ -139,6 +176,10 @@ def _cross(a: Piece, b: Piece) -> torch.Tensor | None:
 class Tied(Piece):
     """One parameter used by modules of different kinds: norms by the cross terms."""
     parts: list
+
+    def __post_init__(self):
+        for q in self.parts:
+            q.keep = True
 
     def norm2(self):
         n2 = sum(q.norm2() for q in self.parts)
