@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .idx import DataError
-from .samplers import trainer_position
+from .samplers import ResumableSampler, trainer_position
 
 EMBEDDED = Path(__file__).with_name("tinyshakespeare.txt")
 
@@ -84,15 +84,40 @@ class FixedBlocks(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+class DisjointBlocks(Dataset):
+    """Non-overlapping windows of ``block_size + 1`` characters: each character belongs to
+    one example, so one example is one unit of privacy (DP-SGD) and of sampling."""
+
+    def __init__(self, data: torch.Tensor, block_size: int):
+        if len(data) < 2 * (block_size + 1):
+            raise DataError(f"split of {len(data)} characters holds fewer than two blocks "
+                            f"of {block_size + 1}")
+        self.data, self.T = data, block_size
+        self.n = len(data) // (block_size + 1)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        chunk = self.data[i * (self.T + 1): (i + 1) * (self.T + 1)]
+        return chunk[:-1], chunk[1:]
+
+
 class TextDataModule(L.LightningDataModule):
     """Character-level LM data. The vocabulary is the sorted set of the corpus's characters;
-    the first ``train_fraction`` of the text trains, the rest validates and tests."""
+    the first ``train_fraction`` of the text trains, the rest validates and tests.
+
+    ``train_blocks``: ``random`` (default) streams random windows; ``disjoint`` reads a
+    fixed map-style set of non-overlapping windows, shuffled each epoch, which DP-SGD can
+    Poisson-sample with one block as the privacy unit."""
 
     def __init__(self, path: str | None = None, hub_name: str | None = None,
                  hub_split: str = "train", text_column: str = "text", block_size: int = 128,
                  batch_size: int = 64, train_fraction: float = 0.9, val_blocks: int = 512,
-                 seed: int = 0, num_workers: int = 0):
+                 seed: int = 0, num_workers: int = 0, train_blocks: str = "random"):
         super().__init__()
+        if train_blocks not in ("random", "disjoint"):
+            raise ValueError(f"train_blocks={train_blocks!r}: choose 'random' or 'disjoint'")
         if not 0 < train_fraction < 1:
             raise ValueError(f"train_fraction={train_fraction} must lie strictly between 0 and 1")
         self.save_hyperparameters()
@@ -115,7 +140,13 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         hp = self.hparams
-        world, rank, _, done = trainer_position(self)
+        world, rank, in_epoch, done = trainer_position(self)
+        if hp.train_blocks == "disjoint":
+            blocks = DisjointBlocks(self.train_data, hp.block_size)
+            sampler = ResumableSampler(len(blocks), hp.batch_size, world, rank, hp.seed,
+                                       skip_batches=in_epoch)
+            return DataLoader(blocks, batch_size=hp.batch_size, sampler=sampler, drop_last=True,
+                              num_workers=hp.num_workers)
         stream = BlockStream(self.train_data, hp.block_size, hp.batch_size, hp.seed, done, world, rank)
         return DataLoader(stream, batch_size=None, num_workers=0)
 
