@@ -5,7 +5,8 @@ Defaults added unless the config names its own: TensorBoard logger under
 terminal, plain lines otherwise), ``ModelCheckpoint(save_last=True)``, a learning-rate
 monitor, RNG state in checkpoints and a fixed seed. Recipe callbacks are added to these.
 ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the recipe and keeps logging into
-the same run folder. ``toolkit recipes`` lists the recipes.
+the same run folder (fit with none starts from scratch; validate/test/predict with none
+stop with an error before creating a run folder). ``toolkit recipes`` lists the recipes.
 """
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+class CheckpointNotFound(FileNotFoundError):
+    """``--ckpt_path last`` named no checkpoint where one is required (validate/test/predict)."""
+
+
 class ToolkitCLI(LightningCLI):
     def __init__(self, *args, run_name: str = "default", runs_root: str = "runs", **kwargs):
         self.run_name, self.runs_root = run_name, runs_root
@@ -70,6 +75,12 @@ class ToolkitCLI(LightningCLI):
                 cfg["ckpt_path"] = str(last)
                 self._resume_version = last.parent.parent.name
                 print(f"resuming from {last}", flush=True)
+            elif self.subcommand != "fit":  # evaluating random weights is never what was meant
+                raise CheckpointNotFound(
+                    f"{self.subcommand} --ckpt_path last: no last.ckpt under "
+                    f"{Path(self.runs_root) / self.run_name}/version_*/checkpoints/, so there are "
+                    f"no trained weights to {self.subcommand}. Train first (toolkit fit --config "
+                    f"...), run from the folder that holds runs/, or pass --ckpt_path PATH.ckpt")
             else:
                 print(f"--ckpt_path last: no last.ckpt under {self.runs_root}/{self.run_name}; "
                       "starting from scratch", flush=True)
@@ -112,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["recipes"]:
         print(list_recipes())
         return
-    ToolkitCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
-               subclass_mode_data=True, seed_everything_default=0, args=argv,
-               save_config_kwargs={"overwrite": True}, run_name=_config_name(args))
+    try:
+        ToolkitCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+                   subclass_mode_data=True, seed_everything_default=0, args=argv,
+                   save_config_kwargs={"overwrite": True}, run_name=_config_name(args))
+    except CheckpointNotFound as e:  # a usage error: the message, not a traceback
+        print(f"toolkit: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from e
