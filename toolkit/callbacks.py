@@ -1,4 +1,5 @@
-"""Default callbacks the CLI adds: RNG state in checkpoints and a plain progress printer."""
+"""Default callbacks the CLI adds: RNG state in checkpoints, a plain progress printer and a
+guard that stops at the first non-finite loss or gradient before it is applied."""
 from __future__ import annotations
 
 import sys
@@ -71,3 +72,50 @@ class PlainProgress(ProgressBar):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._print(trainer, "(test)")
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced a non-finite loss or gradient; the update was not applied."""
+
+
+class FiniteGuard(L.Callback):
+    """Stops training at the first step whose loss or gradient is not finite, *before* the
+    optimizer applies it: a NaN update poisons every weight and the run would go on training
+    on NaNs, and with ``save_on_exception`` off (the default) the last checkpoint stays the
+    last good one. The error names the step, the batch and, for gradients, the parameters.
+
+    Gradients are not checked under fp16 mixed precision: its GradScaler already skips steps
+    with overflowing gradients and lowers the scale, which is its normal operation."""
+
+    _batch_idx = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._stop(trainer, f"the loss is {loss.detach().flatten()[:4].tolist()}")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])  # one check per step
+        if bool(torch.isfinite(norms).all()):
+            return
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        bad = [names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        self._stop(trainer, f"the gradient of {bad[:5]}{' ...' if len(bad) > 5 else ''} is not "
+                            "finite (the loss was)")
+
+    def _stop(self, trainer, what: str) -> None:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+        raise NonFiniteError(
+            f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {self._batch_idx}): "
+            f"{what}. This "
+            f"update was not applied and training stopped; last checkpoint: {last}. Lower the "
+            "lr or warm it up, set trainer.gradient_clip_val, or check this batch; then resume "
+            "with --ckpt_path last.")

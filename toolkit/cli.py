@@ -3,7 +3,8 @@
 Defaults added unless the config names its own: TensorBoard logger under
 ``runs/<recipe>/`` (the resolved config saved beside it), a progress bar (rich on a
 terminal, plain lines otherwise), ``ModelCheckpoint(save_last=True)``, a learning-rate
-monitor, RNG state in checkpoints and a fixed seed. Recipe callbacks are added to these.
+monitor, RNG state in checkpoints, a stop at the first non-finite loss or gradient (before
+it is applied) and a fixed seed. Recipe callbacks are added to these.
 ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the recipe and keeps logging into
 the same run folder (fit with none starts from scratch; validate/test/predict with none
 stop with an error before creating a run folder). ``toolkit recipes`` lists the recipes.
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import (Callback, LearningRateMonitor, ModelChe
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .callbacks import PlainProgress, RNGState
+from .callbacks import FiniteGuard, PlainProgress, RNGState
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -107,6 +108,8 @@ def default_callbacks(trainer_kwargs: dict[str, Any], callbacks: list[Callback])
         cbs.append(LearningRateMonitor(logging_interval="step"))
     if not have(RNGState):
         cbs.append(RNGState())
+    if not have(FiniteGuard):
+        cbs.append(FiniteGuard())
     if trainer_kwargs.get("enable_progress_bar", True) is not False and not have(ProgressBar):
         cbs.append(RichProgressBar() if sys.stdout.isatty() else PlainProgress())
     return cbs
