@@ -7,7 +7,8 @@ monitor, RNG state in checkpoints, a stop at the first non-finite loss or gradie
 it is applied) and a fixed seed. Recipe callbacks are added to these.
 ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the recipe and keeps logging into
 the same run folder (fit with none starts from scratch; validate/test/predict with none
-stop with an error before creating a run folder). ``toolkit recipes`` lists the recipes.
+stop with an error before creating a run folder). ``toolkit recipes`` lists the recipes,
+``toolkit optimizers`` the optimizers with their defaults.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from .callbacks import FiniteGuard, PlainProgress, RNGState
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+HELP = ("Train and evaluate recipes: toolkit fit --config recipes/quickstart.yaml (then "
+        "validate/test --ckpt_path last). Two more commands: 'toolkit recipes' lists every recipe "
+        "with its one-line summary; 'toolkit optimizers' lists the registered optimizers with "
+        "their descriptions and default hyperparameters (lr included).")
 
 
 def recipe_summary(path: Path) -> str:
@@ -126,10 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["recipes"]:
         print(list_recipes())
         return
+    if args[:1] == ["optimizers"]:
+        import optimizers
+        print(optimizers.describe_optimizers())
+        return
     try:
         ToolkitCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
                    subclass_mode_data=True, seed_everything_default=0, args=argv,
-                   save_config_kwargs={"overwrite": True}, run_name=_config_name(args))
+                   save_config_kwargs={"overwrite": True}, run_name=_config_name(args),
+                   parser_kwargs={"description": HELP})
     except CheckpointNotFound as e:  # a usage error: the message, not a traceback
         print(f"toolkit: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from e

@@ -15,7 +15,7 @@ class LanguageModel(TrainModule):
 
     def __init__(self, vocab_size: int | None = None, block_size: int = 128, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = False,
-                 depth_mup: bool = False, optimizer: str = "adamw", lr: float = 1e-3,
+                 depth_mup: bool = False, optimizer: str = "adamw", lr: float | None = None,
                  weight_decay: float = 0.1, optimizer_kwargs: dict[str, Any] | None = None,
                  warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1,
                  compile: bool = False):
