@@ -39,18 +39,31 @@ class RNGState(L.Callback):
 
 
 class PlainProgress(ProgressBar):
-    """One line every ``every`` steps and at each validation: readable in CI logs and files
-    where a live bar would print carriage returns."""
+    """One line at the first step, then every ``every`` steps and at each validation, with
+    elapsed time and ETA: readable in CI logs and files where a live bar would print carriage
+    returns, and a first run shows it is alive within seconds instead of after ``every``."""
 
     def __init__(self, every: int = 50):
         super().__init__()
-        self.every, self._enabled, self._t0 = every, True, time.time()
+        self.every, self._enabled = every, True
+        self._t0, self._step0, self._printed = time.time(), 0, -1
 
     def disable(self) -> None:
         self._enabled = False
 
     def enable(self) -> None:
         self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # the clock and the rate start here, after data set-up and a resume's restore
+        self._t0, self._step0 = time.time(), trainer.global_step
+
+    def _eta(self, trainer, total) -> str:
+        done, elapsed = trainer.global_step - self._step0, time.time() - self._t0
+        if done <= 0 or not total or total == float("inf"):
+            return ""
+        left = elapsed / done * max(total - trainer.global_step, 0)
+        return f" eta {int(left // 60)}m{int(left % 60):02d}s"
 
     def _print(self, trainer, what: str) -> None:
         if not (self._enabled and trainer.is_global_zero):
@@ -60,18 +73,21 @@ class PlainProgress(ProgressBar):
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         print(f"[{time.time() - self._t0:7.1f}s] epoch {trainer.current_epoch} step "
-              f"{trainer.global_step}/{total} {what} {shown}", file=sys.stdout, flush=True)
+              f"{trainer.global_step}/{total}{self._eta(trainer, total)} {what}{shown}",
+              file=sys.stdout, flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0:
+        step = trainer.global_step
+        if step != self._printed and (step == self._step0 + 1 or step % self.every == 0):
+            self._printed = step
             self._print(trainer, "")
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self._print(trainer, "(validation)")
+            self._print(trainer, "(validation) ")
 
     def on_test_end(self, trainer, pl_module) -> None:
-        self._print(trainer, "(test)")
+        self._print(trainer, "(test) ")
 
 
 class NonFiniteError(FloatingPointError):

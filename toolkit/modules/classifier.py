@@ -52,6 +52,8 @@ class Classifier(TrainModule):
             "acc": torchmetrics.Accuracy("multiclass", num_classes=num_classes),
             "loss": torchmetrics.MeanMetric()})
         self.val_metrics, self.test_metrics = metrics(), metrics()
+        # one example: Lightning's model summary then reports real FLOPs (it printed 0)
+        self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -27,6 +27,8 @@ class LanguageModel(TrainModule):
             self._build(vocab_size)
         self.val_loss = torchmetrics.MeanMetric()
         self.test_loss = torchmetrics.MeanMetric()
+        # one sequence: Lightning's model summary then reports real FLOPs (it printed 0)
+        self.example_input_array = torch.zeros(1, block_size, dtype=torch.long)
 
     def _build(self, vocab_size: int) -> None:
         hp = self.hparams
