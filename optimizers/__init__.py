@@ -1,12 +1,13 @@
 """Optimizers as plug-ins: a registry, a param-group factory and schedules. Pure torch."""
-from .factory import (OPTIMIZERS, build_optimizer, classify_parameters, param_groups,
-                      register)
+from .factory import (OPTIMIZERS, build_optimizer, classify_parameters, default_lr,
+                      describe_optimizers, optimizer_defaults, param_groups, register)
 from .schedules import lr_factor, warmup_decay
 from .muon import Muon
 from .hyperp import HyperSphere
 from .muonpp import MuonPlusPlus
 from .auon import AuON, HybridAuON
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "classify_parameters", "param_groups", "register",
+__all__ = ["OPTIMIZERS", "build_optimizer", "classify_parameters", "default_lr",
+           "describe_optimizers", "optimizer_defaults", "param_groups", "register",
            "lr_factor", "warmup_decay", "Muon", "HyperSphere", "MuonPlusPlus", "AuON",
            "HybridAuON"]

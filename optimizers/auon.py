@@ -55,12 +55,14 @@ class HybridAuON(Muon):
         return [auon_normalize(o) for o in ortho]
 
 
-@register("auon")
+@register("auon", lr=0.1,
+          description="AuON (Maity 2025): linear-time normalized momentum, no Newton-Schulz; lr ~5x Muon's (0.1 best in 1500-step LM sweeps)")
 def build_auon(groups, lr, **hp) -> AuON:
     return AuON(groups, lr=lr, **hp)
 
 
-@register("hybrid_auon")
+@register("hybrid_auon", lr=0.1,
+          description="Hybrid-AuON: one Newton-Schulz step, then AuON normalization; lr as AuON")
 def build_hybrid_auon(groups, lr, **hp) -> HybridAuON:
     return HybridAuON(groups, lr=lr, **hp)
 

@@ -83,7 +83,8 @@ class HyperSphere(Muon):
         p.mul_(st["radius"] / torch.linalg.vector_norm(p).clamp_min(1e-12))
 
 
-@register("hyperp")
+@register("hyperp", lr=0.02,
+          description="HyperP (Ren et al.): Muon on a Frobenius sphere; radius_scale=1.0 for lr transfer across width")
 def build_hyperp(groups, lr, **hp) -> HyperSphere:
     return HyperSphere(groups, lr=lr, **hp)
 

@@ -234,7 +234,8 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(ps, upd, alpha=-g["lr"])
 
 
-@register("muon")
+@register("muon", lr=0.02,
+          description="Muon (Jordan et al.): Newton-Schulz-orthogonalized momentum on hidden matrices, AdamW (adam_lr, None = 3e-4) on the rest")
 def build_muon(groups, lr, **hp) -> Muon:
     return Muon(groups, lr=lr, **hp)
 

@@ -71,7 +71,8 @@ class MuonPlusPlus(Muon):
         p.add_(d, alpha=-lr * spectral_scale(p.shape))
 
 
-@register("muonpp")
+@register("muonpp", lr=0.02,
+          description="Muon++: Muon with the muP spectral update scale and decay 1/spectral_target")
 def build_muonpp(groups, lr, **hp) -> MuonPlusPlus:
     return MuonPlusPlus(groups, lr=lr, **hp)
 

@@ -1,10 +1,11 @@
 """Regularizers: pure functional cores plus thin Lightning callbacks."""
 from .dp import DPSGD
 from .kmixup import assignment, kmixup_batch, kmixup_partners, mixup_batch, pairwise_cost
+from .batch_transforms import BatchTransform
 from .langevin import IterateAveraging, LangevinNoise
 from .mixing import KMixup, Mixup
 from .noise import add_langevin_noise_
 
-__all__: list[str] = ["DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "Mixup",
+__all__: list[str] = ["BatchTransform", "DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "Mixup",
                       "add_langevin_noise_", "assignment", "kmixup_batch", "kmixup_partners",
                       "mixup_batch", "pairwise_cost"]

@@ -1,9 +1,10 @@
 """Lightning callbacks that mix training batches with k-mixup or mixup (see kmixup.py).
 
-They work on any LightningModule, including one written without them: at fit start the
-module's ``training_step`` is wrapped so that it receives the mixed batch, and at fit end
-(or on an exception) the original is restored. Validation, test and predict steps never
-see a mixed batch. The module's loss must accept soft targets (N x C probability rows):
+They work on any LightningModule, including one written without them: at fit start they
+register with the module's one batch-transform wrapper (batch_transforms.py), so
+``training_step`` receives the mixed batch, and at fit end (or on an exception) the module
+is restored exactly. Validation, test and predict steps never see a mixed batch. Two mixing
+callbacks in one Trainer are refused at fit start. The module's loss must accept soft targets (N x C probability rows):
 ``F.cross_entropy(logits, target)`` does, and so does the toolkit's ``Classifier``.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from .batch_transforms import BatchTransform
 from .kmixup import kmixup_batch
 
 X_KEYS = ("x", "image", "images", "input", "inputs", "pixel_values")
@@ -33,7 +35,7 @@ def global_seed(seed: int | None) -> int:
     return int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
-class KMixup(L.Callback):
+class KMixup(BatchTransform):
     """k-mixup (Greenewald et al., "k-Mixup Regularization for Deep Learning via Optimal
     Transport") of every training batch; :func:`regularizers.kmixup_batch` does the work.
 
@@ -55,7 +57,8 @@ class KMixup(L.Callback):
         input_key / target_key: dict batches; default: the first of the usual names.
     """
 
-    mixes_batch = True  # DP-SGD refuses to run beside callbacks that mix examples
+    # DP-SGD refuses callbacks that mix examples; so does a second mixing callback
+    mixes_batch = True
 
     def __init__(self, k: int = 16, alpha: float = 1.0, num_classes: int | None = None,
                  cost: str = "sqeuclidean", feature_layer: str | None = None,
@@ -70,34 +73,15 @@ class KMixup(L.Callback):
         self.feature_layer, self.seed, self.solver = feature_layer, seed, solver
         self.input_key, self.target_key = input_key, target_key
         self.batches_mixed = 0
-        self._module: L.LightningModule | None = None
 
     # ---- wiring -------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
         self._rank, self._seed = trainer.global_rank, global_seed(self.seed)
         self._classes = self._find_num_classes(trainer, pl_module)
-        original = pl_module.training_step  # bound method, or another callback's wrapper
-        self._had = "training_step" in vars(pl_module)
+        super().on_fit_start(trainer, pl_module)
 
-        def training_step(batch, *args, **kwargs):
-            return original(self.mix_batch(batch, pl_module), *args, **kwargs)
-
-        training_step.__wrapped__ = original
-        pl_module.training_step = training_step
-        self._module = pl_module
-
-    def _restore(self) -> None:
-        if self._module is not None:
-            wrapper = vars(self._module).pop("training_step", None)
-            if self._had:  # someone else's wrapper was there before ours
-                self._module.training_step = wrapper.__wrapped__
-            self._module = None
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._restore()
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore()
+    def transform_batch(self, batch, pl_module):
+        return self.mix_batch(batch, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {"batches_mixed": self.batches_mixed, "seed": self.seed}

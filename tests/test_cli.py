@@ -88,3 +88,19 @@ def test_recipe_callbacks_keep_the_defaults(monkeypatch, tmp_path):
         assert sum(isinstance(c, t) for c in cbs) == 1
     own = ModelCheckpoint(monitor="val/loss")
     assert [c for c in default_callbacks({}, [own]) if isinstance(c, ModelCheckpoint)] == [own]
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_evaluating_last_without_a_checkpoint_fails_clearly(subcommand, capsys, tmp_path,
+                                                            recipe_mnist):
+    """Nothing to load: a clear error and exit status 2, not an untrained model's metrics, and
+    no version folder taken."""
+    recipe = RECIPES / "mnist_cnn.yaml"
+    with pytest.raises(SystemExit) as e:
+        main([subcommand, "--config", str(recipe), "--ckpt_path", "last",
+              *data_overrides(recipe, recipe_mnist)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{subcommand} --ckpt_path last: no last.ckpt under runs/mnist_cnn" in err
+    assert "Train first" in err
+    assert not (tmp_path / "runs").exists()

@@ -2,8 +2,10 @@
 split one global batch and a mid-epoch resume continues with exactly the next batch."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class ResumableSampler(DistributedSampler):
@@ -54,6 +56,19 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler`. Its position needs no saved state: the
+    data module rebuilds the sampler from the trainer's restored batch count, so a mid-epoch
+    resume is exact. ``state_dict``/``load_state_dict`` say so to Lightning, which otherwise
+    warns on every mid-epoch resume that the loader "is not resumable"."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # the position comes from the trainer's progress (see trainer_position)
 
 
 def trainer_position(module) -> tuple[int, int, int, int]:

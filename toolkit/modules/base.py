@@ -33,9 +33,10 @@ def hard_labels(target: torch.Tensor) -> torch.Tensor:
 
 
 class TrainModule(L.LightningModule):
-    """Builds its optimizer with :func:`optimizers.build_optimizer` and a warmup+decay schedule."""
+    """Builds its optimizer with :func:`optimizers.build_optimizer` and a warmup+decay schedule.
+    ``lr=None`` takes the optimizer's own registered default (``toolkit optimizers``)."""
 
-    def __init__(self, optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
+    def __init__(self, optimizer: str = "adamw", lr: float | None = None, weight_decay: float = 0.0,
                  optimizer_kwargs: dict[str, Any] | None = None, warmup_steps: int = 0,
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
         super().__init__()

@@ -30,7 +30,7 @@ class Classifier(TrainModule):
     def __init__(self, arch: str = "cnn", num_classes: int = 10, in_channels: int = 1,
                  image_size: int = 28, width: int = 32, norm: str = "batch",
                  activation: str = "relu", hidden: list[int] | None = None,
-                 optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
+                 optimizer: str = "adamw", lr: float | None = None, weight_decay: float = 0.0,
                  optimizer_kwargs: dict[str, Any] | None = None, warmup_steps: int = 0,
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.0):
         super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
@@ -52,6 +52,8 @@ class Classifier(TrainModule):
             "acc": torchmetrics.Accuracy("multiclass", num_classes=num_classes),
             "loss": torchmetrics.MeanMetric()})
         self.val_metrics, self.test_metrics = metrics(), metrics()
+        # one example: Lightning's model summary then reports real FLOPs (it printed 0)
+        self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -15,7 +15,7 @@ class LanguageModel(TrainModule):
 
     def __init__(self, vocab_size: int | None = None, block_size: int = 128, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = False,
-                 depth_mup: bool = False, optimizer: str = "adamw", lr: float = 1e-3,
+                 depth_mup: bool = False, optimizer: str = "adamw", lr: float | None = None,
                  weight_decay: float = 0.1, optimizer_kwargs: dict[str, Any] | None = None,
                  warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1,
                  compile: bool = False):
@@ -27,6 +27,8 @@ class LanguageModel(TrainModule):
             self._build(vocab_size)
         self.val_loss = torchmetrics.MeanMetric()
         self.test_loss = torchmetrics.MeanMetric()
+        # one sequence: Lightning's model summary then reports real FLOPs (it printed 0)
+        self.example_input_array = torch.zeros(1, block_size, dtype=torch.long)
 
     def _build(self, vocab_size: int) -> None:
         hp = self.hparams

@@ -1,0 +1,31 @@
+"""The registered plug-ins the contract tests run over, each with the module family it
+needs: batch mixers need a classifier (soft targets of images), the massive-activation and
+stability monitors need transformer blocks, the rest take any module."""
+from __future__ import annotations
+
+import regularizers
+from toolkit.monitors import MassiveActivationMonitor, SpectralMonitor, StabilityMonitor
+
+# name -> (factory, modules it applies to)
+CALLBACKS = {
+    "KMixup": (lambda: regularizers.KMixup(k=4, alpha=0.5, num_classes=10), {"image"}),
+    "Mixup": (lambda: regularizers.Mixup(alpha=0.5, num_classes=10), {"image"}),
+    "LangevinNoise": (lambda: regularizers.LangevinNoise(temperature=1e-6), {"image", "lm"}),
+    "IterateAveraging": (lambda: regularizers.IterateAveraging(start_step=2), {"image", "lm"}),
+    "SpectralMonitor": (lambda: SpectralMonitor(every_n_steps=2), {"image", "lm"}),
+    "MassiveActivationMonitor": (lambda: MassiveActivationMonitor(every_n_steps=2, fit=False,
+                                                                  plots=False), {"lm"}),
+    "StabilityMonitor": (lambda: StabilityMonitor(every_n_steps=2), {"lm"}),
+}
+# pairs refused at fit start, with a fragment of the error
+REFUSED = {frozenset({"KMixup", "Mixup"}): "both mix examples"}
+
+def pairs():
+    names = sorted(CALLBACKS)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = CALLBACKS[a][1] & CALLBACKS[b][1]
+            if common:
+                out.append((a, b, "image" if "image" in common else "lm"))
+    return out
