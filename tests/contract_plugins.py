@@ -16,9 +16,14 @@ CALLBACKS = {
     "MassiveActivationMonitor": (lambda: MassiveActivationMonitor(every_n_steps=2, fit=False,
                                                                   plots=False), {"lm"}),
     "StabilityMonitor": (lambda: StabilityMonitor(every_n_steps=2), {"lm"}),
+    # seeded so a straight and a resumed run draw the same batches and noise
+    "DPSGD": (lambda: regularizers.DPSGD(noise_multiplier=1.0, delta=1e-3, max_grad_norm=1.0,
+                                         seed=3), {"image"}),
 }
 # pairs refused at fit start, with a fragment of the error
-REFUSED = {frozenset({"KMixup", "Mixup"}): "both mix examples"}
+REFUSED = {frozenset({"KMixup", "Mixup"}): "both mix examples",
+           frozenset({"DPSGD", "KMixup"}): "mix examples",
+           frozenset({"DPSGD", "Mixup"}): "mix examples"}
 
 def pairs():
     names = sorted(CALLBACKS)

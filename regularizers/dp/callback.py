@@ -24,15 +24,9 @@ from .loader import private_loader, why_not_once_per_pass
 from .mechanism import CLIPPING, privatize_
 from .per_sample import PerSampleGradients
 from .probe import batch_rows, probe_module
-from .report import build_report, publish
+from .report import build_report, publish, without_training_metrics
 from .sampling import fresh_seed, step_generator
 from .validate import check_callbacks, check_number, check_optimizers, check_step
-
-# Hooks that see the private training batch: with hide_training_metrics their logs are dropped.
-TRAINING_HOOKS = {"training_step", "on_train_batch_start", "on_train_batch_end", "on_before_backward",
-                  "on_after_backward", "on_before_optimizer_step", "on_train_epoch_end",
-                  "optimizer_step", "on_before_zero_grad"}
-
 
 class DPSGD(L.Callback):
     """Differentially private training for any LightningModule (automatic optimization).
@@ -95,6 +89,7 @@ class DPSGD(L.Callback):
         self.data = None  # loader.PrivateData of the current training loader
         self._pass_counted = False
         self._trainable: frozenset = frozenset()
+        self._patched: set[str] = set()  # instance attributes we set on the module
 
     @property
     def ledger(self) -> list[list]:
@@ -118,12 +113,8 @@ class DPSGD(L.Callback):
             source.dataloader = lambda: self._private_loader(trainer, make())
             source._dp_wrapped = True
         if self.hide_training_metrics and "log" not in vars(pl_module):
-            log = pl_module.log
-
-            def quiet_log(*args, **kwargs):
-                if pl_module._current_fx_name not in TRAINING_HOOKS:
-                    log(*args, **kwargs)
-            pl_module.log = quiet_log
+            pl_module.log = without_training_metrics(pl_module)
+            self._patched.add("log")
 
     def _private_loader(self, trainer, loader):
         self.data = private_loader(loader, self.sampling, trainer.world_size, trainer.global_rank,
@@ -148,8 +139,10 @@ class DPSGD(L.Callback):
         self._recheck_trainable(trainer)
         # One process and the module's own backward untouched: backward computes output
         # gradients only. Under DDP the reducer expects weight gradients, so not there.
-        if trainer.world_size == 1 and type(pl_module).backward is L.LightningModule.backward:
+        if trainer.world_size == 1 and type(pl_module).backward is L.LightningModule.backward \
+                and "backward" not in vars(pl_module):
             pl_module.backward = lambda loss, *args, **kwargs: self.engine.backward(loss)
+            self._patched.add("backward")
 
     def _recheck_trainable(self, trainer) -> None:
         now = frozenset(id(p) for p in self.engine.params)
@@ -274,12 +267,20 @@ class DPSGD(L.Callback):
             publish(self.report, log_dir)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._restore(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore(pl_module)  # Lightning skips teardown hooks after an exception
+
+    def _restore(self, pl_module) -> None:
+        """Leave the module as it was: no hooks, no instance attributes of ours."""
         if self.engine is not None:
             self.engine.remove()
             self.engine = None
-        for attr in ("log", "backward") if stage == "fit" else ():
-            if attr in vars(pl_module):
-                delattr(pl_module, attr)
+        for attr in self._patched:
+            vars(pl_module).pop(attr, None)
+        self._patched = set()
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,21 @@ SHUFFLE_ANALYSIS = ("shuffled fixed-size batches, no privacy amplification by sa
                     "zero-out adjacency), composed over passes; the loader is checked to show "
                     "each example at most once per pass")
 POISSON_ANALYSIS = "Poisson-subsampled Gaussian mechanism (add/remove adjacency)"
+# Hooks that see the private training batch: with hide_training_metrics their logs are dropped.
+TRAINING_HOOKS = {"training_step", "on_train_batch_start", "on_train_batch_end", "on_before_backward",
+                  "on_after_backward", "on_before_optimizer_step", "on_train_epoch_end",
+                  "optimizer_step", "on_before_zero_grad"}
+
+
+def without_training_metrics(module):
+    """``module.log`` that drops what training hooks log (their values are functions of
+    the private batch released without noise)."""
+    log = module.log
+
+    def quiet_log(*args, **kwargs):
+        if module._current_fx_name not in TRAINING_HOOKS:
+            log(*args, **kwargs)
+    return quiet_log
 
 
 def build_report(dp, steps: int) -> dict:
