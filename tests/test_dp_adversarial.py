@@ -434,3 +434,56 @@ def test_training_metrics_can_be_kept_out_of_the_logs():
         assert ("train/loss" in t.logged_metrics) is not hide
         assert "dp/epsilon" in t.logged_metrics
         assert "log" not in vars(m)  # the module is left as it was
+
+
+class Ragged(torch.utils.data.Dataset):
+    """Token sequences of different lengths, as NLP datasets are."""
+
+    def __init__(self, n=8):
+        g = torch.Generator().manual_seed(0)
+        self.xs = [torch.randint(1, 20, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g)
+                   for _ in range(n)]
+
+    def __len__(self):
+        return len(self.xs)
+
+    def __getitem__(self, i):
+        return self.xs[i], torch.tensor(i % 3)
+
+
+def pad_to_longest(items):
+    x = nn.utils.rnn.pad_sequence([i[0] for i in items], batch_first=True)  # pads with 0
+    return x, torch.stack([i[1] for i in items])
+
+
+class Pooled(L.LightningModule):
+    def __init__(self, masked):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head, self.masked = nn.Embedding(20, 8), nn.Linear(8, 3), masked
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.emb(x)
+        if self.masked:
+            m = (x != 0).unsqueeze(-1).float()
+            h = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        else:  # the pads of the longest example leak into everyone's mean
+            h = h.mean(1)
+        return F.cross_entropy(self.head(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_padding_to_the_longest_example_is_accepted_only_when_masked(masked):
+    t = L.Trainer(callbacks=[dp()], max_steps=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    dl = DataLoader(Ragged(), batch_size=4, collate_fn=pad_to_longest)
+    if masked:
+        t.fit(Pooled(True), dl)
+        assert t.global_step == 2
+    else:
+        with pytest.raises(PrivacyError, match="not exact"):
+            t.fit(Pooled(False), dl)

@@ -54,24 +54,36 @@ def _seeded(fn, seed=0):
         return fn()
 
 
-def check_collate(collate: Callable, items: list, j: int) -> tuple:
-    """(batch of items, batch with item j swapped for the last); refuse extra or mixed rows."""
-    k = len(items) - 1
-    D = _seeded(lambda: collate(items[:k]))
-    swapped = items[:j] + [items[k]] + items[j + 1:k]
-    D2 = _seeded(lambda: collate(swapped))
+def _shapes(batch) -> list:
+    return [tuple(t.shape) for t in _leaves(batch)]
+
+
+def check_collate(collate: Callable, items: list, j: int, spares: list = ()) -> tuple:
+    """(batch of items, batch with item j swapped for a spare); refuse extra or mixed rows.
+    The spare is one that keeps the batch's shapes where one exists (a collate that pads
+    to the longest example changes them, legitimately), so that rows can be compared."""
+    k = len(items)
+    D = _seeded(lambda: collate(items))
     rows = {tuple(t.shape[:1]) for t in _leaves(D)}
     if rows != {(k,)}:
         raise PrivacyError(f"the training collate_fn turned {k} examples into tensors with "
                            f"first dimensions {sorted(r[0] for r in rows if r)}: DP-SGD clips per "
                            "row, so each example must be exactly one row (no extra views or "
                            "crops per example)")
+    options = []
+    for spare in spares:
+        D2 = _seeded(lambda: collate(items[:j] + [spare] + items[j + 1:]))
+        options.append(D2)
+        if _shapes(D2) == _shapes(D):
+            break
+    D2 = options[-1]
     keep = [i for i in range(k) if i != j]
-    for a, b in zip(_leaves(D), _leaves(D2)):
-        if not torch.equal(a[keep], b[keep]):
-            raise PrivacyError("the training collate_fn makes a row depend on other examples "
-                               "(swapping one example changed the others' rows): move batch "
-                               "mixing out of a DP-SGD run")
+    if _shapes(D2) == _shapes(D):
+        for a, b in zip(_leaves(D), _leaves(D2)):
+            if not torch.equal(a[keep], b[keep]):
+                raise PrivacyError("the training collate_fn makes a row depend on other examples "
+                                   "(swapping one example changed the others' rows): move batch "
+                                   "mixing out of a DP-SGD run")
     return D, D2
 
 
@@ -91,16 +103,18 @@ def _norm(a: list) -> float:
 
 
 def probe(model: torch.nn.Module, engine: PerSampleGradients, loss_of: Callable,
-          collate: Callable, items: list, to_device: Callable = lambda b: b) -> None:
-    """Run checks 1-5 (module docstring) on ``items`` (k + 1 examples); raise on failure.
+          collate: Callable, items: list, to_device: Callable = lambda b: b,
+          spares: list = ()) -> None:
+    """Run checks 1-5 (module docstring) on the k ``items``, swapping one for the first of
+    ``spares`` that keeps the batch's shapes; raise on failure.
 
     ``loss_of(batch)`` is the training loss of a batch, as the training step computes it.
     """
-    k = len(items) - 1
-    if k < 2:
+    k = len(items)
+    if k < 2 or not spares:
         raise PrivacyError("DP-SGD needs at least 3 training examples")
     j = k - 1
-    D, D2 = (to_device(b) for b in check_collate(collate, items, j))
+    D, D2 = (to_device(b) for b in check_collate(collate, list(items), j, spares))
     params = engine.params
     names = {id(p): n for n, p in model.named_parameters()}
     if not params:
@@ -185,9 +199,9 @@ def probe(model: torch.nn.Module, engine: PerSampleGradients, loss_of: Callable,
 
 def probe_module(module, engine: PerSampleGradients, dataset, collate: Callable, n: int,
                  to_device: Callable) -> None:
-    """:func:`probe` on a LightningModule's ``training_step`` with its first ``n + 1``
-    training examples; ``self.log`` is muted so the probe logs nothing."""
-    items = [dataset[i] for i in range(min(len(dataset), n + 1))]
+    """:func:`probe` on a LightningModule's ``training_step`` with its first ``n`` training
+    examples and up to 7 spares; ``self.log`` is muted so the probe logs nothing."""
+    items = [dataset[i] for i in range(min(len(dataset), n + 8))]
 
     def loss_of(batch):
         out = module.training_step(batch, 0)
@@ -198,7 +212,8 @@ def probe_module(module, engine: PerSampleGradients, dataset, collate: Callable,
     saved = {k: vars(module)[k] for k in ("log", "log_dict") if k in vars(module)}
     module.log = module.log_dict = lambda *a, **k: None
     try:
-        probe(module, engine, loss_of, collate, items, to_device)
+        probe(module, engine, loss_of, collate, items[:min(n, len(items) - 1)], to_device,
+              spares=items[min(n, len(items) - 1):])
     finally:
         del module.log, module.log_dict
         for k, v in saved.items():
