@@ -487,3 +487,39 @@ def test_padding_to_the_longest_example_is_accepted_only_when_masked(masked):
     else:
         with pytest.raises(PrivacyError, match="not exact"):
             t.fit(Pooled(False), dl)
+
+
+FSDP2_DP = """
+import socket, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from regularizers.dp import PrivacyError
+from regularizers.dp.validate import check_not_sharded
+from toolkit.models.gpt import GPT, GPTConfig
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=8))
+check_not_sharded(model, object())  # whole parameters: fine
+mesh = init_device_mesh("cpu", (1,))
+for block in model.blocks:
+    fully_shard(block, mesh=mesh)
+fully_shard(model, mesh=mesh)
+try:
+    check_not_sharded(model, object())
+except PrivacyError as e:
+    print("refused" if "strategy='ddp'" in str(e) else e)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_sharded_parameters_are_refused():
+    """A real ``fully_shard`` (DTensor parameters, one gloo rank): per-example norms would
+    need every shard, so DP-SGD refuses instead of clipping local shards."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", FSDP2_DP], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["refused"]

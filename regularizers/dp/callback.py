@@ -26,7 +26,8 @@ from .per_sample import PerSampleGradients
 from .probe import batch_rows, probe_module
 from .report import build_report, publish, without_training_metrics
 from .sampling import fresh_seed, step_generator
-from .validate import check_callbacks, check_number, check_optimizers, check_step
+from .validate import (check_callbacks, check_not_sharded, check_number, check_optimizers,
+                       check_step)
 
 class DPSGD(L.Callback):
     """Differentially private training for any LightningModule (automatic optimization).
@@ -135,6 +136,7 @@ class DPSGD(L.Callback):
         if any(isinstance(o, torch.optim.LBFGS) for o in trainer.optimizers):
             raise PrivacyError("LBFGS evaluates the loss several times per step, each evaluation "
                                "a release of its own: use a first-order optimizer with DPSGD")
+        check_not_sharded(pl_module, trainer.strategy)
         self.engine = PerSampleGradients(pl_module, self.loss_reduction)
         self._recheck_trainable(trainer)
         # One process and the module's own backward untouched: backward computes output

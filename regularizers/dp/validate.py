@@ -87,3 +87,15 @@ def check_optimizers(optimizers, privatized: list) -> None:
                            "privatize (tensors that are not trainable parameters of a module of "
                            "the LightningModule): make them nn.Parameters of a submodule, or "
                            "freeze them")
+
+
+def check_not_sharded(model: nn.Module, strategy) -> None:
+    """FSDP shards parameters across ranks: a rank's hooks see the local shards only, and
+    the per-example norms (hence the clip factors) need every shard's share. Not supported."""
+    kind = type(strategy).__name__
+    sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"
+               or type(getattr(p, "data", None)).__name__ == "DTensor"]
+    if sharded or "FSDP" in kind or "ModelParallel" in kind:
+        raise PrivacyError(f"DP-SGD under {kind} (sharded parameters{': ' + sharded[0] if sharded else ''}) "
+                           "is not supported: per-example norms would need every shard. Use "
+                           "strategy='ddp' (each rank holds the whole model)")
