@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     fits = fit_history(rows)
     print(summary_table(rows, fits))
-    result = {str(i): asdict(f) for i, f in fits.items()}
+    result = {str(i): f.to_dict() for i, f in fits.items()}
     (out / "massive_fit.json").write_text(json.dumps(result, indent=2))
     if not args.no_plots:
         import matplotlib.pyplot as plt

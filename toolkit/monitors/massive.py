@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -199,7 +199,7 @@ class MassiveActivationMonitor(StepMonitor):
             return
         from .emergence import fit_history, plot_history, summary_table
         fits = fit_history(self.history)
-        self.fits = {i: asdict(f) for i, f in fits.items()}
+        self.fits = {i: f.to_dict() for i, f in fits.items()}
         (folder / "massive_fit.json").write_text(json.dumps(
             {str(i): f for i, f in self.fits.items()}, indent=2))
         last = self.history[-1]["step"]
