@@ -143,3 +143,70 @@ def test_first_half_of_a_late_peak_is_flagged():
     first = T <= 1500
     fit = fit_emergence(T[first], noisy(ISSUE, 0.3, 0)[first])  # peak at ~1080, decay barely begun
     assert not fit.identifiable
+
+
+# ---------------------------------------------------------------- reports: script and monitor
+
+def planted_history():
+    """Layer 0: FAST with noise (identifiable); layer 1: a peak at ~8,500 (still rising)."""
+    rows = []
+    for layer, p in enumerate([FAST, (10.0, 0.05, 1e-3, 1.0, 3.0)]):
+        for s, r in zip(T, noisy(p, 0.3, layer)):
+            rows.append(dict(step=int(s), layer=layer, name=f"blocks.{layer}", top1=r, median=1.0,
+                             ratio=r, batch=0, token=0, dim=7, massive=0))
+    return rows
+
+
+def test_fit_massive_reports_prediction_interval_and_flag(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from toolkit.monitors import write_history
+    path = write_history(planted_history(), tmp_path / "massive_activations.csv")
+    spec = importlib.util.spec_from_file_location(
+        "fit_massive", Path(__file__).resolve().parent.parent / "scripts/fit_massive.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    result = mod.main([str(path)])
+    out = capsys.readouterr().out
+    good, bad = result["0"], result["1"]
+    assert good["identifiable"] and not bad["identifiable"]
+    assert good["prediction_step"] == 9000.0
+    truth = emergence_law(9000.0, *FAST)
+    assert good["prediction"] == pytest.approx(truth, rel=0.15)
+    lo, hi = good["intervals"]["horizon"]
+    assert lo <= good["prediction"] <= hi and hi - lo < 0.2 * good["prediction"]
+    assert set(good["intervals"]) >= {"A", "lam", "gamma", "t0", "K", "steady", "peak_step"}
+    # The table: one prediction line per layer, the rising layer flagged with its reason.
+    lines = [ln for ln in out.splitlines() if "predictions" in ln]
+    assert len(lines) == 2 and lines[0].endswith(": identifiable")
+    assert "NOT IDENTIFIABLE (peak beyond the window" in lines[1]
+    assert f"r(9000) {good['prediction']:.3g}" in lines[0]
+    assert (tmp_path / "massive_ratio.png").stat().st_size > 0
+
+
+def test_monitor_logs_prediction_and_identifiability(tmp_path):
+    from types import SimpleNamespace
+
+    from toolkit.monitors import MassiveActivationMonitor
+
+    class Rec:
+        def __init__(self):
+            self.rows = {}
+
+        def log_metrics(self, metrics, step):
+            self.rows.setdefault(step, {}).update(metrics)
+
+    rec = Rec()
+    mon = MassiveActivationMonitor(out_dir=str(tmp_path), plots=False, fit_kwargs={"n_boot": 60})
+    mon.history = planted_history()
+    mon.on_fit_end(SimpleNamespace(is_global_zero=True, loggers=[rec]), None)
+    row = rec.rows[3000]
+    assert row["massive/fit_identifiable/layer0"] == 1.0
+    assert row["massive/fit_identifiable/layer1"] == 0.0
+    assert (row["massive/fit_prediction_lo/layer0"] <= row["massive/fit_prediction/layer0"]
+            <= row["massive/fit_prediction_hi/layer0"])
+    assert row["massive/fit_prediction/layer0"] == pytest.approx(
+        emergence_law(9000.0, *FAST), rel=0.15)
+    assert mon.fits[1]["identifiable"] is False and mon.fits[0]["n_points"] == len(T)
+    assert (tmp_path / "massive_fit.json").is_file()
