@@ -108,13 +108,16 @@ def test_identifiable_fit_predicts_three_times_the_horizon(p, sd, seed):
     assert fit.intervals["peak_step"][0] <= peak_step(*p[1:4]) <= fit.intervals["peak_step"][1]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_second_half_predicted_from_the_first_half(seed):
-    y = noisy(EARLY, 0.3, seed)
+@pytest.mark.parametrize("p,sd", [(EARLY, 0.3), (FAST, 0.1)])
+def test_second_half_predicted_from_the_first_half(p, sd):
     first = T <= T.max() / 2
-    fit = fit_emergence(T[first], y[first])
-    assert fit.identifiable, fit.reason
-    assert rel_err(fit(T[~first]), emergence_law(T[~first], *EARLY)) < 0.15
+    verdicts = []
+    for seed in range(3):
+        fit = fit_emergence(T[first], noisy(p, sd, seed)[first], n_boot=60)
+        verdicts.append(fit.identifiable)
+        if fit.identifiable:
+            assert rel_err(fit(T[~first]), emergence_law(T[~first], *p)) < 0.15
+    assert sum(verdicts) >= 2, verdicts  # and the check above is not vacuous
 
 
 # ---------------------------------------------------------------- flagged, not extrapolated
