@@ -28,10 +28,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-step", type=int, default=0, help="ignore steps before this one")
     ap.add_argument("--horizon", type=float, default=3.0,
                     help="predict r at this multiple of the last step (default 3)")
-    ap.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates (0: none)")
-    ap.add_argument("--rtol", type=float, default=0.1,
-                    help="largest relative half-width of an identifiable prediction")
-    ap.add_argument("--level", type=float, default=0.9, help="interval level")
+    ap.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates (0: none; "
+                    "default: fit_emergence's)")
+    ap.add_argument("--rtol", type=float, default=None, help="largest relative half-width of "
+                    "an identifiable prediction (default: fit_emergence's)")
+    ap.add_argument("--level", type=float, default=None, help="interval level")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
     rows = [r for r in read_history(args.csv) if r["step"] >= args.min_step]
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"{args.csv} holds no rows at or after step {args.min_step}")
     out = Path(args.out or Path(args.csv).parent)
     out.mkdir(parents=True, exist_ok=True)
-    fits = fit_history(rows, horizon=args.horizon, n_boot=args.n_boot, rtol=args.rtol,
-                       level=args.level)
+    kw = {k: v for k, v in dict(n_boot=args.n_boot, rtol=args.rtol, level=args.level).items()
+          if v is not None}
+    fits = fit_history(rows, horizon=args.horizon, **kw)
     print(summary_table(rows, fits))
     result = {str(i): f.to_dict() for i, f in fits.items()}
     (out / "massive_fit.json").write_text(json.dumps(result, indent=2))
