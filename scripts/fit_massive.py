@@ -2,8 +2,10 @@
 
     python scripts/fit_massive.py runs/massive_activations_lm/version_0/massive_activations.csv
 
-Prints the table (ratio at start/end, top-1 position, A, lambda, gamma, t0, K, R^2) and
-writes ``massive_fit.json``, ``massive_ratio.png`` and ``massive_heatmap.png`` beside the
+Prints the table (ratio at start/end, top-1 position, A, lambda, gamma, t0, K, R^2; then
+per layer the steady state, peak step and r(horizon x last step) with their bootstrap
+intervals, and ``NOT IDENTIFIABLE`` with the reason where the window cannot determine
+them) and writes ``massive_fit.json`` (the same, plus parameter intervals), ``massive_ratio.png`` and ``massive_heatmap.png`` beside the
 CSV (or into ``--out``). Law and fit: :mod:`toolkit.monitors.emergence`.
 """
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,6 +26,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("csv", help="massive_activations.csv written by MassiveActivationMonitor")
     ap.add_argument("--out", default=None, help="folder for the JSON and plots (default: beside the CSV)")
     ap.add_argument("--min-step", type=int, default=0, help="ignore steps before this one")
+    ap.add_argument("--horizon", type=float, default=3.0,
+                    help="predict r at this multiple of the last step (default 3)")
+    ap.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates (0: none; "
+                    "default: fit_emergence's)")
+    ap.add_argument("--rtol", type=float, default=None, help="largest relative half-width of "
+                    "an identifiable prediction (default: fit_emergence's)")
+    ap.add_argument("--level", type=float, default=None, help="interval level")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
     rows = [r for r in read_history(args.csv) if r["step"] >= args.min_step]
@@ -32,9 +40,11 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"{args.csv} holds no rows at or after step {args.min_step}")
     out = Path(args.out or Path(args.csv).parent)
     out.mkdir(parents=True, exist_ok=True)
-    fits = fit_history(rows)
+    kw = {k: v for k, v in dict(n_boot=args.n_boot, rtol=args.rtol, level=args.level).items()
+          if v is not None}
+    fits = fit_history(rows, horizon=args.horizon, **kw)
     print(summary_table(rows, fits))
-    result = {str(i): asdict(f) for i, f in fits.items()}
+    result = {str(i): f.to_dict() for i, f in fits.items()}
     (out / "massive_fit.json").write_text(json.dumps(result, indent=2))
     if not args.no_plots:
         import matplotlib.pyplot as plt

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -117,6 +117,10 @@ class MassiveActivationMonitor(StepMonitor):
     (``massive/ratio/layer{i}``, ``massive/top1/layer{i}``). Keeps the history in its checkpoint state, writes it as
     ``massive_activations.csv`` (after every logging step) and, at the end of fit, fits the emergence law of
     Gallego-Feliciano et al. (2025) per layer (:mod:`toolkit.monitors.emergence`) with plots.
+    Each fit reports its prediction at ``fit_kwargs["horizon"]`` (default 3) x the last step
+    with a bootstrap interval, and whether the window identifies it: the table flags
+    ``NOT IDENTIFIABLE`` layers, the plot greys their prediction, and TensorBoard gets
+    ``massive/fit_identifiable/layer{i}`` (0/1) and ``massive/fit_prediction{,_lo,_hi}/layer{i}``.
 
     ``probe="train"`` measures the training forward of the logging step (no extra compute;
     the batch changes every time). ``probe="fixed"`` measures, after the logging step's
@@ -130,13 +134,13 @@ class MassiveActivationMonitor(StepMonitor):
     def __init__(self, every_n_steps: int = 50, layers: str | list[str] = "auto", top_k: int = 5,
                  abs_threshold: float = ABS_THRESHOLD, ratio_threshold: float = RATIO_THRESHOLD,
                  fit: bool = True, plots: bool = True, out_dir: str | None = None,
-                 probe: str = "train"):
+                 probe: str = "train", fit_kwargs: dict | None = None):
         super().__init__(every_n_steps)
         if probe not in ("train", "fixed"):
             raise ValueError(f"probe={probe!r}: use 'train' (the logging step's training "
                              "forward) or 'fixed' (the same batch at every logging step)")
         self.layers_arg, self.fit, self.plots, self.out_dir = layers, fit, plots, out_dir
-        self.probe = probe
+        self.probe, self.fit_kwargs = probe, dict(fit_kwargs or {})
         self.fixed_batch = None
         self.stats_kw = dict(top_k=top_k, abs_threshold=abs_threshold,
                              ratio_threshold=ratio_threshold)
@@ -198,13 +202,21 @@ class MassiveActivationMonitor(StepMonitor):
         if not self.fit:
             return
         from .emergence import fit_history, plot_history, summary_table
-        fits = fit_history(self.history)
-        self.fits = {i: asdict(f) for i, f in fits.items()}
+        fits = fit_history(self.history, **self.fit_kwargs)
+        self.fits = {i: f.to_dict() for i, f in fits.items()}
         (folder / "massive_fit.json").write_text(json.dumps(
             {str(i): f for i, f in self.fits.items()}, indent=2))
         last = self.history[-1]["step"]
-        log_metrics(trainer, {f"massive/fit_r2/layer{i}": f.r2 for i, f in fits.items()
-                              if f.r2 == f.r2}, last)
+        metrics = {}
+        for i, f in fits.items():
+            metrics[f"massive/fit_r2/layer{i}"] = f.r2
+            metrics[f"massive/fit_identifiable/layer{i}"] = float(f.identifiable)
+            metrics[f"massive/fit_prediction/layer{i}"] = float(f(f.horizon * f.t_max))
+            if "horizon" in f.intervals:
+                lo, hi = f.intervals["horizon"]
+                metrics[f"massive/fit_prediction_lo/layer{i}"] = lo
+                metrics[f"massive/fit_prediction_hi/layer{i}"] = hi
+        log_metrics(trainer, {k: v for k, v in metrics.items() if v == v}, last)
         print(f"massive activations: history in {path}\n{summary_table(self.history, fits)}",
               flush=True)
         if self.plots:
