@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def directional_logits(model: nn.Module, inputs: Any, direction: Mapping[str, to
     def f(moving_params):
         return logits_of(functional_call(model, {**point, **moving_params}, args))
 
-    with _eval_mode(model, eval_mode):
+    # the math attention kernel: the fused CPU/GPU kernels have no forward-mode derivative
+    with _eval_mode(model, eval_mode), sdpa_kernel(SDPBackend.MATH):
         z, a = jvp(f, (moving,), (tangents,))
     return z, a
 

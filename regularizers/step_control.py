@@ -59,9 +59,9 @@ class RadiusControl(L.Callback):
     def __init__(self, r_max: float = 1.0, max_examples: int | None = None,
                  eval_mode: bool = True):
         super().__init__()
-        if not (isinstance(r_max, (int, float)) and math.isfinite(r_max) and r_max > 0):
-            raise ValueError(f"r_max={r_max!r} must be a finite number > 0 (1.0 is the radius "
-                             "itself; the paper saw failures begin near r = 1)")
+        if not (isinstance(r_max, (int, float)) and r_max > 0):  # False for nan
+            raise ValueError(f"r_max={r_max!r} must be a number > 0 (1.0 is the radius itself, "
+                             "where the paper sees failures begin; inf measures r only)")
         if max_examples is not None and max_examples < 1:
             raise ValueError(f"max_examples={max_examples} must be >= 1, or None for the whole batch")
         self.r_max, self.max_examples, self.eval_mode = float(r_max), max_examples, eval_mode
