@@ -125,12 +125,13 @@ def softmax_radius(model: nn.Module, inputs: Any, delta: Mapping[str, torch.Tens
     model's current weights) on the batch ``inputs``."""
     if not delta:
         raise ValueError("delta is empty: pass {name: step} for the parameters the update moves")
-    tau = math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta.values()))
+    steps = list(delta.values())
+    tau = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(steps)).double()))
     if not math.isfinite(tau):
         raise ValueError(f"the proposed step has non-finite length {tau}")
     if tau == 0.0:
         return Radius(math.inf, 0.0, 0.0)
-    direction = {n: d / tau for n, d in delta.items()}
-    _, a = directional_logits(model, inputs, direction, params, eval_mode)
-    spread = float(logit_spread(a.detach()).max())
+    # a is linear in the tangent: J_z (delta / tau) = (J_z delta) / tau, so JVP along delta itself
+    _, a = directional_logits(model, inputs, delta, params, eval_mode)
+    spread = float(logit_spread(a.detach()).max()) / tau
     return Radius(radius_from_spread(spread), tau, spread)
