@@ -6,8 +6,9 @@ from .muon import Muon
 from .hyperp import HyperSphere
 from .muonpp import MuonPlusPlus
 from .auon import AuON, HybridAuON
+from .weight_decay_rules import apply_weight_decay_rule, tau_from_weight_decay, weight_decay_from_tau
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "classify_parameters", "default_lr",
            "describe_optimizers", "optimizer_defaults", "param_groups", "register",
            "lr_factor", "warmup_decay", "Muon", "HyperSphere", "MuonPlusPlus", "AuON",
-           "HybridAuON"]
+           "HybridAuON", "apply_weight_decay_rule", "tau_from_weight_decay", "weight_decay_from_tau"]

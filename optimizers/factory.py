@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .weight_decay_rules import apply_weight_decay_rule
+
 OptimizerBuilder = Callable[..., torch.optim.Optimizer]
 OPTIMIZERS: dict[str, OptimizerBuilder] = {}
 
@@ -166,6 +168,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0,
 
 def build_optimizer(model: nn.Module | Iterable, name: str = "adamw", lr: float | None = None,
                     weight_decay: float = 0.0, head_names: Iterable[str] | None = None,
+                    weight_decay_rule: dict[str, Any] | None = None,
                     **hparams: Any) -> torch.optim.Optimizer:
     """Build registered optimizer ``name`` over ``model``'s parameter groups.
 
@@ -173,6 +176,8 @@ def build_optimizer(model: nn.Module | Iterable, name: str = "adamw", lr: float 
     of ready-made param groups (dicts) / parameters. Extra ``hparams`` go to the
     optimizer's constructor (``betas``, ``momentum``, ``ns_steps`` ...). ``lr=None`` uses the
     optimizer's registered default (:func:`default_lr`; ``python -m toolkit optimizers``).
+    ``weight_decay_rule`` sets per-group decay (and lr) by a rule of ``weight_decay_rules.py``:
+    Power Lines' ``{"kind": "power_lines", "tau": ...}`` or ``{"kind": "layerwise", ...}``.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; registered: {sorted(OPTIMIZERS)}. "
@@ -190,6 +195,8 @@ def build_optimizer(model: nn.Module | Iterable, name: str = "adamw", lr: float 
     builder = OPTIMIZERS[name]
     if lr is None:
         lr = default_lr(name)
+    if weight_decay_rule is not None:
+        groups = apply_weight_decay_rule(groups, lr, weight_decay_rule)
     try:
         return builder(groups, lr=lr, **hparams)
     except TypeError as e:

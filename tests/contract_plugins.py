@@ -12,6 +12,8 @@ CALLBACKS = {
     "Mixup": (lambda: regularizers.Mixup(alpha=0.5, num_classes=10), {"image"}),
     "LangevinNoise": (lambda: regularizers.LangevinNoise(temperature=1e-6), {"image", "lm"}),
     "IterateAveraging": (lambda: regularizers.IterateAveraging(start_step=2), {"image", "lm"}),
+    "RadiusControl": (lambda: regularizers.RadiusControl(r_max=0.05), {"image", "lm"}),
+    "LRSpike": (lambda: regularizers.LRSpike(start=3, length=2, factor=100.0), {"image", "lm"}),
     "SpectralMonitor": (lambda: SpectralMonitor(every_n_steps=2), {"image", "lm"}),
     "MassiveActivationMonitor": (lambda: MassiveActivationMonitor(every_n_steps=2, fit=False,
                                                                   plots=False), {"lm"}),

@@ -46,9 +46,14 @@ class TrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = optimizers.build_optimizer(self, hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
-                                         **(hp.optimizer_kwargs or {}))
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        kwargs = dict(hp.optimizer_kwargs or {})
+        rule = kwargs.get("weight_decay_rule")
+        if (rule and rule.get("kind") == "power_lines" and math.isfinite(total)
+                and not {"steps", "batch_size", "dataset_size"} & set(rule)):
+            kwargs["weight_decay_rule"] = {**rule, "steps": total}  # B / D of this run: 1 / steps
+        opt = optimizers.build_optimizer(self, hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+                                         **kwargs)
         if not math.isfinite(total):
             if hp.lr_decay != "constant":
                 raise ValueError("an lr decay needs a known step budget: set trainer.max_steps "

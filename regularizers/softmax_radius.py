@@ -1,0 +1,137 @@
+"""The softmax convergence radius of a proposed update (pure torch, no Lightning).
+
+P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in Cross-Entropy"
+(arXiv 2603.13552; reference code piyush314/ghosts-of-softmax), the linearized-logit radius.
+Along a step theta + t u (|u| = 1) with the logits linearized, z_k(t) = z_k + a_k t, the
+cross-entropy log sum_k exp(z_k + a_k t) - z_y - a_y t is analytic except where the partition
+function sum_k w_k exp(a_k t) vanishes. For |Im t| < pi / (max_k a_k - min_k a_k) every term's
+phase a_k Im t lies in an arc shorter than pi, so the terms lie in an open half-plane and the
+sum cannot vanish: no complex singularity (a "ghost") is closer than
+
+    rho_a = pi / Delta_a,   Delta_a = max_x (max_k a_k(x; u) - min_k a_k(x; u)),
+
+where a(x; u) = J_z(x) u is the directional derivative of example x's logits (one forward-mode
+JVP for the whole batch), and the max over x makes rho_a the radius of the batch loss (the
+paper's rho_a, its FAQ "How do I compute rho_a"; the radius of one example's series is
+>= pi / Delta_a(x), with equality for two tied classes). The Taylor model of the loss is
+trustworthy only for steps tau = |delta| < rho_a; the normalized step is r = tau / rho_a.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@dataclass(frozen=True)
+class Radius:
+    """rho_a = pi / Delta_a for a step of length tau; r = tau / rho_a (r > 1: outside)."""
+    rho: float
+    tau: float
+    spread: float  # Delta_a, the largest per-example spread of the directional derivatives
+
+    @property
+    def r(self) -> float:
+        return self.tau / self.rho if math.isfinite(self.rho) else 0.0
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: a tensor, the first entry of a tuple/list, or the
+    ``logits`` of a dict / Hugging Face ``ModelOutput``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}: "
+                    "return a tensor, a tuple whose first entry is the logits, or an object with "
+                    "`.logits`")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module, on: bool) -> Iterator[None]:
+    """Eval mode inside (dropout off, BatchNorm on running statistics, no buffer updates),
+    each submodule's own flag restored after."""
+    if not on:
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def directional_logits(model: nn.Module, inputs: Any, direction: Mapping[str, torch.Tensor],
+                       params: Mapping[str, torch.Tensor] | None = None, eval_mode: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits z and their directional derivative a = J_z u along ``direction`` (named like
+    ``model.named_parameters()``; parameters it leaves out stay fixed), at ``params`` (default:
+    the model's current values), by one forward-mode JVP (``torch.func.jvp``).
+
+    Returns ``(z, a)`` of the model's logit shape (..., classes).
+    """
+    named = dict(model.named_parameters())
+    unknown = sorted(set(direction) - set(named))
+    if unknown:
+        raise KeyError(f"direction names {unknown[:5]} are not parameters of "
+                       f"{type(model).__name__}; name tangents as model.named_parameters() does")
+    point = {n: (params[n] if params is not None and n in params else p).detach()
+             for n, p in named.items()}
+    point.update({n: b for n, b in model.named_buffers()})
+    moving = {n: point.pop(n) for n in direction}
+    tangents = {n: direction[n].to(moving[n].dtype) for n in moving}
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+
+    def f(moving_params):
+        return logits_of(functional_call(model, {**point, **moving_params}, args))
+
+    # the math attention kernel: the fused CPU/GPU kernels have no forward-mode derivative
+    with _eval_mode(model, eval_mode), sdpa_kernel(SDPBackend.MATH):
+        z, a = jvp(f, (moving,), (tangents,))
+    return z, a
+
+
+def logit_spread(a: torch.Tensor) -> torch.Tensor:
+    """Per-example spread max_k a_k - min_k a_k of directional logit derivatives (..., K):
+    one value per row (for a sequence model, per position)."""
+    if a.ndim < 1 or a.shape[-1] < 2:
+        raise ValueError(f"logit derivatives of shape {tuple(a.shape)}: need a class dim >= 2 last")
+    a = a.reshape(-1, a.shape[-1])
+    return a.amax(-1) - a.amin(-1)
+
+
+def radius_from_spread(spread: float) -> float:
+    """rho_a = pi / Delta_a (inf for Delta_a = 0: the step moves no logit apart)."""
+    return math.pi / spread if spread > 0 else math.inf
+
+
+def softmax_radius(model: nn.Module, inputs: Any, delta: Mapping[str, torch.Tensor],
+                   params: Mapping[str, torch.Tensor] | None = None, eval_mode: bool = True
+                   ) -> Radius:
+    """rho_a, tau = |delta| and r = tau / rho_a for the update ``delta`` (a dict of parameter
+    steps named as in ``model.named_parameters()``) proposed at ``params`` (default: the
+    model's current weights) on the batch ``inputs``."""
+    if not delta:
+        raise ValueError("delta is empty: pass {name: step} for the parameters the update moves")
+    steps = list(delta.values())
+    tau = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(steps)).double()))
+    if not math.isfinite(tau):
+        raise ValueError(f"the proposed step has non-finite length {tau}")
+    if tau == 0.0:
+        return Radius(math.inf, 0.0, 0.0)
+    # a is linear in the tangent: J_z (delta / tau) = (J_z delta) / tau, so JVP along delta itself
+    _, a = directional_logits(model, inputs, delta, params, eval_mode)
+    spread = float(logit_spread(a.detach()).max()) / tau
+    return Radius(radius_from_spread(spread), tau, spread)
