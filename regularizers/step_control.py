@@ -55,6 +55,9 @@ class RadiusControl(L.Callback):
     unchanged. Under DDP Delta_a is the max over ranks, so replicas stay identical.
     Logs ``ghosts/r`` (before control), ``ghosts/rho_a``, ``ghosts/tau`` and ``ghosts/scale``.
     """
+    # The step size it applies is a function of the training batch: DP-SGD refuses it, since
+    # that rescaling would be a release of the private batch that no noise covers.
+    reads_batch_into_update = True
 
     def __init__(self, r_max: float = 1.0, max_examples: int | None = None,
                  eval_mode: bool = True):

@@ -25,7 +25,8 @@ CALLBACKS = {
 # pairs refused at fit start, with a fragment of the error
 REFUSED = {frozenset({"KMixup", "Mixup"}): "both mix examples",
            frozenset({"DPSGD", "KMixup"}): "mix examples",
-           frozenset({"DPSGD", "Mixup"}): "mix examples"}
+           frozenset({"DPSGD", "Mixup"}): "mix examples",
+           frozenset({"DPSGD", "RadiusControl"}): "no DP-SGD noise covers"}
 
 def pairs():
     names = sorted(CALLBACKS)

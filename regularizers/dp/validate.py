@@ -48,6 +48,11 @@ def check_callbacks(callbacks) -> None:
     if bad:
         raise PrivacyError(f"callbacks {bad} mix examples across the batch, so clipping no longer "
                            "bounds one example's influence: remove them from a DP-SGD run")
+    reads = [type(cb).__name__ for cb in callbacks if getattr(cb, "reads_batch_into_update", False)]
+    if reads:
+        raise PrivacyError(f"callbacks {reads} change the update from the training batch itself "
+                           "(e.g. a step size measured on it), a release no DP-SGD noise covers: "
+                           "remove them from a DP-SGD run")
 
 
 def check_step(trainer) -> None:
