@@ -104,6 +104,8 @@ def test_mixing_mixes_word_embeddings(arch, mixer):
         w = soft[i]
         ref = sum(w[j] * table[raw[j]] for j in range(n) if w[j] > 0)
         torch.testing.assert_close(mixed[i], ref, atol=1e-5, rtol=1e-5)
+    # the embedding lookup is part of the step's graph: the table gets its gradient and moves
+    assert not torch.equal(model.model.get_input_embeddings().weight.detach(), table)
 
 
 # ---------------------------------------------------------------- monitors
