@@ -2,7 +2,8 @@
 Scaling under Transferable Hypersphere Optimization").
 
 Each hidden matrix keeps the Frobenius norm it had at its first step, ``r = ||W_0||_F``
-(the paper's code), or, with ``radius_scale=c``, the muP radius ``r = c * sqrt(fan_out)``:
+(the paper's code), or, with ``radius_scale=c``, the muP radius ``r = c * sqrt(fan_out)`` (fan_out of the layer's map:
+the second dim of a transposed HF ``Conv1D`` weight):
 the Frobenius norm of a Gaussian matrix with std ``c / sqrt(fan_in)`` (the muP hidden
 init). With ``U`` the Muon update (Newton-Schulz of the Nesterov momentum), one step is
 
@@ -74,7 +75,7 @@ class HyperSphere(Muon):
         if "radius" not in st:
             c = group.get("radius_scale")  # absent in checkpoints from before the option
             st["radius"] = (torch.linalg.vector_norm(p) if c is None
-                            else p.new_tensor(c * math.sqrt(p.shape[0])))
+                            else p.new_tensor(c * math.sqrt(self.fans(p)[0])))
         lr = group["lr"] * group["lr_depth_factor"]
         p.mul_(1 - group["lr"] * group["weight_decay"])
         u = d.float()

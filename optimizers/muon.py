@@ -22,6 +22,10 @@ is kept on every rank (cheap, elementwise, identical because DDP averages gradie
 a rank-0 checkpoint holds the full state and resumes exactly. FSDP shards matrices,
 which Newton-Schulz cannot use: that raises an error pointing to ``strategy="ddp"``.
 
+Shapes: every scale is taken on the layer's ``(fan_out, fan_in)`` map; weights stored
+``(fan_in, fan_out)`` (HF ``Conv1D``) are flagged per parameter by the factory's ``transposed``
+group key (:mod:`optimizers.orientation`), and :meth:`Muon.fans` reads it.
+
 Subclasses (HyperSphere, MuonPlusPlus, AuON) override :meth:`directions` (momentum ->
 update direction) and :meth:`apply_update` (direction -> new weights).
 """
@@ -34,14 +38,16 @@ import torch
 
 from .factory import register
 from .newton_schulz import NS_MATMULS, as_matrix, orthogonalize_many
+from .orientation import fans, group_flags
 
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def adjusted_ratio(shape: torch.Size, adjust_lr: str) -> float:
-    """Update scale of torch.optim.Muon's ``adjust_lr_fn`` for a (fan_out, fan_in...) weight."""
-    a, b = shape[0], math.prod(shape[1:])
+def adjusted_ratio(shape: torch.Size, adjust_lr: str, transposed: bool = False) -> float:
+    """Update scale of torch.optim.Muon's ``adjust_lr_fn`` for a (fan_out, fan_in...) weight,
+    or a (fan_in, fan_out) one with ``transposed`` (HF ``Conv1D``)."""
+    a, b = fans(shape, transposed)
     if adjust_lr == "original":
         return math.sqrt(max(1.0, a / b))
     if adjust_lr == "match_rms_adamw":
@@ -127,11 +133,22 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"a use_muon group holds a parameter of shape "
                                      f"{tuple(p.shape)}; Muon only takes matrices (and conv "
                                      "filters), put vectors in a use_muon=False group")
+        self._transposed: set[int] = set()  # ids of (fan_in, fan_out) weights, see fans()
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, betas=tuple(betas),
                         eps=eps, ns_dtype=ns_dtype, ns_matmul=ns_matmul)
         super().__init__(groups, defaults)
         self._check_not_sharded()
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        g["transposed"] = group_flags(g)
+        self._transposed |= {id(p) for p, t in zip(g["params"], g["transposed"]) if t}
+
+    def fans(self, p: torch.Tensor) -> tuple[int, int]:
+        """``(fan_out, fan_in)`` of ``p``, whichever way it is stored (see optimizers.orientation)."""
+        return fans(p.shape, id(p) in self._transposed)
 
     def _check_not_sharded(self) -> None:
         for g in self.param_groups:
@@ -196,13 +213,14 @@ class Muon(torch.optim.Optimizer):
 
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         lr, mode = group["lr"], group["adjust_lr"]
+        ratio = adjusted_ratio(p.shape, mode, id(p) in self._transposed)
         p.mul_(1 - lr * group["weight_decay"])
         if mode == "original":
             # Same bf16 scaling then fp32 add as muon.muon_update, so results match it.
-            d.mul_(adjusted_ratio(p.shape, mode))
+            d.mul_(ratio)
             p.add_(d, alpha=-lr)
         else:  # torch.optim.Muon folds the ratio into the step size
-            p.add_(d, alpha=-lr * adjusted_ratio(p.shape, mode))
+            p.add_(d, alpha=-lr * ratio)
 
     def _adam_step(self, g: dict) -> None:
         ps = [p for p in g["params"] if p.grad is not None]

@@ -24,29 +24,33 @@ import math
 import torch
 from torch import nn
 
-from .factory import register
+from .factory import classify_parameters, register
 from .muon import Muon
+from .orientation import fans, transposed_names
 
 
-def spectral_scale(shape: torch.Size) -> float:
-    """``sqrt(fan_out / fan_in)`` of a (fan_out, fan_in, ...) weight."""
-    return math.sqrt(shape[0] / math.prod(shape[1:]))
+def spectral_scale(shape: torch.Size, transposed: bool = False) -> float:
+    """``sqrt(fan_out / fan_in)`` of a (fan_out, fan_in, ...) weight, or of a (fan_in, fan_out)
+    one with ``transposed`` (HF ``Conv1D``)."""
+    fan_out, fan_in = fans(shape, transposed)
+    return math.sqrt(fan_out / fan_in)
 
 
 @torch.no_grad()
-def spectral_ratios(named_params) -> dict[str, float]:
-    """``||W||_2 / sqrt(fan_out/fan_in)`` of each matrix in ``(name, param)`` pairs."""
+def spectral_ratios(named_params, transposed: set[str] = frozenset()) -> dict[str, float]:
+    """``||W||_2 / sqrt(fan_out/fan_in)`` of each matrix in ``(name, param)`` pairs; names in
+    ``transposed`` are stored (fan_in, fan_out)."""
     out = {}
     for name, p in named_params:
         if p.ndim >= 2:
             w = p.detach().float().reshape(p.shape[0], -1)
-            out[name] = torch.linalg.matrix_norm(w, ord=2).item() / spectral_scale(p.shape)
+            out[name] = (torch.linalg.matrix_norm(w, ord=2).item()
+                         / spectral_scale(p.shape, name in transposed))
     return out
 
 
 def hidden_spectral_ratios(model: nn.Module) -> dict[str, float]:
-    from .factory import classify_parameters
-    return spectral_ratios(classify_parameters(model)["hidden"])
+    return spectral_ratios(classify_parameters(model)["hidden"], transposed_names(model))
 
 
 class MuonPlusPlus(Muon):
@@ -68,7 +72,8 @@ class MuonPlusPlus(Muon):
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         lr = group["lr"]
         p.mul_(1 - lr * group["weight_decay"])
-        p.add_(d, alpha=-lr * spectral_scale(p.shape))
+        fan_out, fan_in = self.fans(p)
+        p.add_(d, alpha=-lr * math.sqrt(fan_out / fan_in))
 
 
 @register("muonpp", lr=0.02,

@@ -1,5 +1,6 @@
 """Paper ideas as plug-in components over one Lightning trainer."""
 from .data import ImageDataModule, TextDataModule
-from .modules import Classifier, LanguageModel
+from .modules import Classifier, HFCausalLM, HFClassifier, LanguageModel
 
-__all__ = ["Classifier", "ImageDataModule", "LanguageModel", "TextDataModule"]
+__all__ = ["Classifier", "HFCausalLM", "HFClassifier", "ImageDataModule", "LanguageModel",
+           "TextDataModule"]

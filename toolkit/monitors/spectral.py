@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from optimizers import classify_parameters
+from optimizers.orientation import fans, transposed_names
 
 from .base import StepMonitor, log_metrics
 
@@ -47,9 +48,12 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
     return sigma, v
 
 
-def spectral_scale(W: torch.Tensor) -> float:
-    """sqrt(fan_out / fan_in) of a (fan_out, fan_in, *kernel) weight."""
-    return math.sqrt(W.shape[0] / (W[0].numel()))
+def spectral_scale(W: torch.Tensor, transposed: bool = False) -> float:
+    """sqrt(fan_out / fan_in) of a (fan_out, fan_in, *kernel) weight, or of a (fan_in, fan_out)
+    one with ``transposed`` (HF ``Conv1D``: the scale belongs to the layer's map, not the
+    storage)."""
+    fan_out, fan_in = fans(W.shape, transposed)
+    return math.sqrt(fan_out / fan_in)
 
 
 class SpectralMonitor(StepMonitor):
@@ -74,9 +78,10 @@ class SpectralMonitor(StepMonitor):
     @torch.no_grad()
     def measure(self, model: nn.Module) -> dict[str, float]:
         out: dict[str, float] = {}
+        flipped = transposed_names(model)
         for name, p in classify_parameters(model)["hidden"]:
             W = p.detach()
-            scale = spectral_scale(W)
+            scale = spectral_scale(W, name in flipped)
             sigma, self.vectors[name] = power_iteration(W, self._vector(name, W), self.iters)
             out[f"W/{name}"] = sigma / scale
             if name in self.previous:

@@ -9,14 +9,13 @@ The pure functions take tensors; ``StabilityProbe`` attaches them to a model wit
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention_logits
 from .base import StepMonitor, log_metrics
 from .layers import (ATTN_BRANCHES, MLP_BRANCHES, Hooks, Layer, call_model, find_branch,
                      find_head, first_tensor, resolve_layers)
@@ -26,11 +25,13 @@ ATTN_MODULES = ("attn", "self_attn", "attention.self", "attention")
 
 def softmax_z(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows of (log sum_j exp(logits_j))^2; ``mask`` (bool, True = attend)
-    broadcast to ``logits`` leaves entries out of their row's normalizer."""
+    broadcast to ``logits`` leaves entries out of their row's normalizer (a row left with no
+    entry, a padded query under a causal mask, is left out of the mean)."""
     logits = logits.float()
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    if mask is None:
+        return torch.logsumexp(logits, dim=-1).square().mean()
+    lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return lse[torch.isfinite(lse)].square().mean()  # rows attending nothing (padding) drop out
 
 
 def outlier_share(h: torch.Tensor, k: float = 5.0) -> torch.Tensor:
@@ -45,67 +46,6 @@ def outlier_share(h: torch.Tensor, k: float = 5.0) -> torch.Tensor:
 
 def rms(x: torch.Tensor) -> torch.Tensor:
     return x.float().square().mean().sqrt()
-
-
-def _heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
-    B, T, C = t.shape
-    return t.view(B, T, n_head, C // n_head).transpose(1, 2)
-
-
-def attention_logits(module: nn.Module, args: tuple, kwargs: dict
-                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Scaled attention logits (B, H, T, S) and a keep-mask from an attention module's
-    inputs, for the layouts the toolkit knows; None for others."""
-    if callable(getattr(module, "qkv", None)):  # toolkit CausalSelfAttention
-        q, k, _ = module.qkv(args[0])
-        T = q.shape[-2]
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), causal
-    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
-        query = args[0] if args else kwargs["query"]
-        key = args[1] if len(args) > 1 else kwargs.get("key", query)
-        if not module.batch_first:
-            query, key = query.transpose(0, 1), key.transpose(0, 1)
-        E, H = module.embed_dim, module.num_heads
-        w, b = module.in_proj_weight, module.in_proj_bias
-        q = _heads(F.linear(query, w[:E], None if b is None else b[:E]), H)
-        k = _heads(F.linear(key, w[E:2 * E], None if b is None else b[E:2 * E]), H)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(E // H)
-        keep = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device)
-        if kwargs.get("is_causal"):
-            keep = keep.tril()
-        mask = kwargs.get("attn_mask")
-        if mask is not None:  # torch convention: True / -inf = not allowed
-            keep = keep & (~mask if mask.dtype == torch.bool else torch.isfinite(mask))
-        pad = kwargs.get("key_padding_mask")
-        if pad is not None:
-            pad = ~pad if pad.dtype == torch.bool else torch.isfinite(pad)
-            keep = keep & pad[:, None, None, :]
-        return logits, keep
-    if hasattr(module, "c_attn") and hasattr(module, "split_size"):  # Hugging Face GPT-2
-        x = args[0] if args else kwargs["hidden_states"]
-        q, k, _ = module.c_attn(x).split(module.split_size, dim=2)
-        q, k = _heads(q, module.num_heads), _heads(k, module.num_heads)
-        logits = q @ k.transpose(-1, -2)
-        if getattr(module, "scale_attn_weights", True):
-            logits = logits / math.sqrt(q.shape[-1])
-        T = logits.shape[-1]
-        return logits, torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key")):
-        x = args[0] if args else kwargs["hidden_states"]  # Hugging Face BERT-style
-        H = module.num_attention_heads
-        q, k = _heads(module.query(x), H), _heads(module.key(x), H)
-        logits = q @ k.transpose(-1, -2) * getattr(module, "scaling", q.shape[-1] ** -0.5)
-        keep = None
-        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        if mask is not None:  # HF: bool True = attend, or additive float
-            keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        if getattr(module, "is_causal", False):
-            T = logits.shape[-1]
-            tri = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            keep = tri if keep is None else keep & tri
-        return logits, keep
-    return None
 
 
 class StabilityProbe:
@@ -156,8 +96,10 @@ class StabilityProbe:
                 if type(module).__name__ not in self._warned:
                     self._warned.add(type(module).__name__)
                     warnings.warn(f"attention Z: no logits adapter for {type(module).__name__} "
-                                  "(toolkit attention, nn.MultiheadAttention, HF GPT-2 and "
-                                  "BERT-style query/key modules are supported); attn_z is not reported")
+                                  "(toolkit attention, nn.MultiheadAttention, HF Llama/Mistral/"
+                                  "Qwen-style q_proj/k_proj, GPT-2 and BERT-style query/key are "
+                                  "supported; see toolkit.monitors.attention); attn_z is not "
+                                  "reported")
                 return
             self.values[key] = softmax_z(*got).detach()
         return hook
