@@ -43,6 +43,9 @@ class AuON(Muon):
     def directions(self, entries):
         return [auon_normalize(u) for _, _, u in entries]
 
+    def direction_dtype(self, group):
+        return torch.float32
+
 
 class HybridAuON(Muon):
     """AuON after one Newton-Schulz iteration (``ns_steps`` defaults to 1)."""
@@ -53,6 +56,9 @@ class HybridAuON(Muon):
     def directions(self, entries):
         ortho = super().directions(entries)
         return [auon_normalize(o) for o in ortho]
+
+    def direction_dtype(self, group):
+        return torch.float32
 
 
 @register("auon", lr=0.1,

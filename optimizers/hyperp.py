@@ -32,6 +32,7 @@ import re
 
 import torch
 
+from . import sharded
 from .factory import register
 from .muon import Muon
 
@@ -69,13 +70,26 @@ class HyperSphere(Muon):
                     raise ValueError("HyperSphere(base_depth=...) needs the model depth: pass "
                                      "depth=n_layer or groups with param_names like 'blocks.3.*'")
                 g["lr_depth_factor"] = math.sqrt(base_depth / d)
+        if self._sharded:  # the radius needs radius_scale, set above
+            sharded.init_state(self)
+
+    def initial_state(self, group: dict, p: torch.Tensor) -> dict:
+        st = super().initial_state(group, p)
+        if group["use_muon"] and "radius_scale" in group:
+            st["radius"] = self._radius(group, p)
+        return st
+
+    def _radius(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        c = group.get("radius_scale")  # absent in checkpoints from before the option
+        if c is not None:  # fan_out, whichever way the weight is stored (HF Conv1D)
+            return torch.tensor(c * math.sqrt(self.fans(p)[0]), dtype=p.dtype, device=p.device)
+        r = torch.linalg.vector_norm(p)
+        return r.full_tensor() if sharded.is_dtensor(r) else r  # a plain scalar on every rank
 
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         st = self.state[p]
         if "radius" not in st:
-            c = group.get("radius_scale")  # absent in checkpoints from before the option
-            st["radius"] = (torch.linalg.vector_norm(p) if c is None
-                            else p.new_tensor(c * math.sqrt(self.fans(p)[0])))
+            st["radius"] = self._radius(group, p)
         lr = group["lr"] * group["lr_depth_factor"]
         p.mul_(1 - group["lr"] * group["weight_decay"])
         u = d.float()

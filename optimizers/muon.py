@@ -19,8 +19,10 @@ iteration's products run as fp32 GEMMs of the bf16 operands (``ns_matmul="auto"`
 :mod:`optimizers.newton_schulz`), ~3x faster and within 1% of the reference. Under DDP each rank
 orthogonalizes ~1/world of the matrices (see :mod:`optimizers.newton_schulz`); momentum
 is kept on every rank (cheap, elementwise, identical because DDP averages gradients), so
-a rank-0 checkpoint holds the full state and resumes exactly. FSDP shards matrices,
-which Newton-Schulz cannot use: that raises an error pointing to ``strategy="ddp"``.
+a rank-0 checkpoint holds the full state and resumes exactly. Under FSDP2 (DTensor
+parameters from ``fully_shard``) state is sharded like the parameters and each matrix's
+direction is computed once, by one rank (:mod:`optimizers.sharded`); FSDP1's flat
+parameters are refused.
 
 Shapes: every scale is taken on the layer's ``(fan_out, fan_in)`` map; weights stored
 ``(fan_in, fan_out)`` (HF ``Conv1D``) are flagged per parameter by the factory's ``transposed``
@@ -37,6 +39,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .factory import register
+from . import sharded
 from .newton_schulz import NS_MATMULS, as_matrix, orthogonalize_many
 from .orientation import fans, group_flags
 
@@ -138,7 +141,7 @@ class Muon(torch.optim.Optimizer):
                         weight_decay=weight_decay, adjust_lr=adjust_lr, betas=tuple(betas),
                         eps=eps, ns_dtype=ns_dtype, ns_matmul=ns_matmul)
         super().__init__(groups, defaults)
-        self._check_not_sharded()
+        self._sharded = sharded.setup(self)  # FSDP2 DTensors: validated, state created now
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -150,16 +153,15 @@ class Muon(torch.optim.Optimizer):
         """``(fan_out, fan_in)`` of ``p``, whichever way it is stored (see optimizers.orientation)."""
         return fans(p.shape, id(p) in self._transposed)
 
-    def _check_not_sharded(self) -> None:
-        for g in self.param_groups:
-            for p in g["params"]:
-                if _is_sharded(p):
-                    raise RuntimeError(
-                        f"{type(self).__name__} orthogonalizes whole weight matrices, but "
-                        "this model's parameters are sharded by FSDP. Use strategy='ddp' "
-                        "instead: there the Newton-Schulz work is already split across "
-                        "ranks and the full optimizer state is checkpointed. (Or use AdamW "
-                        "under FSDP.)")
+    def initial_state(self, group: dict, p: torch.Tensor) -> dict[str, Any]:
+        """State a step creates for ``p`` (built up front for sharded parameters)."""
+        if group["use_muon"]:
+            return {"momentum_buffer": torch.zeros_like(p)}
+        return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "step": 0}
+
+    def direction_dtype(self, group: dict) -> torch.dtype:
+        """dtype of :meth:`directions`' results for ``group`` (what the sharded step sends)."""
+        return NS_DTYPES[group["ns_dtype"]]
 
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
@@ -182,13 +184,13 @@ class Muon(torch.optim.Optimizer):
             ps = [p for p in g["params"] if p.grad is not None]
             if not ps:
                 continue
-            grads = [p.grad for p in ps]
+            grads = [sharded.local(p.grad) for p in ps]
             bufs = []
             for p in ps:
                 st = self.state[p]
                 if "momentum_buffer" not in st:
                     st["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(st["momentum_buffer"])
+                bufs.append(sharded.local(st["momentum_buffer"]))
             beta = g["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - beta)
             # Out of place: p.grad stays the gradient (monitors, DDP hooks read it).
@@ -196,7 +198,7 @@ class Muon(torch.optim.Optimizer):
             entries += [(g, p, u) for p, u in zip(ps, upd)]
         if not entries:
             return
-        dirs = self.directions(entries)
+        dirs = sharded.directions(self, entries) if self._sharded else self.directions(entries)
         for (g, p, _), d in zip(entries, dirs):
             self.apply_update(g, p, d.view_as(p))
 
@@ -204,11 +206,13 @@ class Muon(torch.optim.Optimizer):
                    ) -> list[torch.Tensor]:
         """Orthogonalized momentum of each matrix (all groups batched together)."""
         kinds = {(g["ns_steps"], g["ns_dtype"], g.get("ns_matmul", "auto")) for g, _, _ in entries}
+        split = False if self._sharded else None  # sharded: this rank owns these matrices
         if len(kinds) == 1:
             steps, dtype, matmul = kinds.pop()
-            return orthogonalize_many([as_matrix(u) for _, _, u in entries], steps,
+            return orthogonalize_many([as_matrix(u) for _, _, u in entries], steps, split,
                                       dtype=NS_DTYPES[dtype], matmul=matmul)
-        return [orthogonalize_many([as_matrix(u)], g["ns_steps"], dtype=NS_DTYPES[g["ns_dtype"]],
+        return [orthogonalize_many([as_matrix(u)], g["ns_steps"], split,
+                                   dtype=NS_DTYPES[g["ns_dtype"]],
                                    matmul=g.get("ns_matmul", "auto"))[0] for g, _, u in entries]
 
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
@@ -235,11 +239,12 @@ class Muon(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p)
                 st["step"] = 0
             st["step"] += 1
-            m.append(st["exp_avg"])
-            v.append(st["exp_avg_sq"])
+            m.append(sharded.local(st["exp_avg"]))
+            v.append(sharded.local(st["exp_avg_sq"]))
             bc1.append(1 - b1 ** st["step"])
             bc2.append(1 - b2 ** st["step"])
-        grads = [p.grad for p in ps]
+        grads = [sharded.local(p.grad) for p in ps]
+        ps = [sharded.local(p) for p in ps]
         # The op sequence of muon.adam_update, one foreach call per op.
         torch._foreach_lerp_(m, grads, 1 - b1)
         torch._foreach_lerp_(v, torch._foreach_mul(grads, grads), 1 - b2)

@@ -68,7 +68,9 @@ def _config_name(argv: list[str]) -> str:
 
 
 def _last_checkpoint(run_dir: Path) -> Path | None:
-    found = [p for p in run_dir.glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
+    # a file, or the folder torch.distributed.checkpoint writes under --trainer.strategy fsdp2
+    found = [p for p in run_dir.glob("version_*/checkpoints/last*.ckpt")
+             if p.is_file() or (p / "meta.pt").is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 

@@ -7,6 +7,7 @@ import torch
 import torchmetrics
 
 from ..models import GPT, GPTConfig
+from ..strategies import shard_blocks
 from .base import TrainModule, cross_entropy
 
 
@@ -49,6 +50,8 @@ class LanguageModel(TrainModule):
         elif data_vocab is not None and data_vocab > self.hparams.vocab_size:
             raise ValueError(f"data has {data_vocab} symbols but model.vocab_size is "
                              f"{self.hparams.vocab_size}; set model.vocab_size: {data_vocab}")
+        if shard_blocks(self.model, self.model.blocks, self.device_mesh):  # --trainer.strategy fsdp2
+            self.example_input_array = None  # a rank-0-only summary forward would wait on the others
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

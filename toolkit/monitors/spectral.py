@@ -5,7 +5,9 @@ Condition for Feature Learning", Condition 1): for a hidden weight matrix W of s
 ``SpectralMonitor`` logs both ratios (norm / sqrt(fan_out/fan_in)) for every hidden
 matrix on logging steps; dW is the change since the previous logging step. Spectral
 norms come from power iteration warm-started with the vectors of the previous logging
-step, so a few iterations per matrix track a slowly moving top singular pair.
+step, so a few iterations per matrix track a slowly moving top singular pair. Under FSDP2
+each sharded matrix is gathered whole on every rank, one at a time, when it is measured (a
+collective: every rank runs the monitor), so the numbers are those of one process.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from optimizers import classify_parameters
 from optimizers.orientation import fans, transposed_names
+from optimizers.sharded import is_dtensor
 
 from .base import StepMonitor, log_metrics
 
@@ -80,7 +83,7 @@ class SpectralMonitor(StepMonitor):
         out: dict[str, float] = {}
         flipped = transposed_names(model)
         for name, p in classify_parameters(model)["hidden"]:
-            W = p.detach()
+            W = p.detach().full_tensor() if is_dtensor(p) else p.detach()  # FSDP2: gather
             scale = spectral_scale(W, name in flipped)
             sigma, self.vectors[name] = power_iteration(W, self._vector(name, W), self.iters)
             out[f"W/{name}"] = sigma / scale
