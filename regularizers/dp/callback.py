@@ -139,12 +139,6 @@ class DPSGD(L.Callback):
         check_not_sharded(pl_module, trainer.strategy)
         self.engine = PerSampleGradients(pl_module, self.loss_reduction)
         self._recheck_trainable(trainer)
-        # One process and the module's own backward untouched: backward computes output
-        # gradients only. Under DDP the reducer expects weight gradients, so not there.
-        if trainer.world_size == 1 and type(pl_module).backward is L.LightningModule.backward \
-                and "backward" not in vars(pl_module):
-            pl_module.backward = lambda loss, *args, **kwargs: self.engine.backward(loss)
-            self._patched.add("backward")
 
     def _recheck_trainable(self, trainer) -> None:
         now = frozenset(id(p) for p in self.engine.params)
@@ -239,7 +233,7 @@ class DPSGD(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.engine.capturing = False
-        backward = any(c.grad is not None for calls in self.engine._calls.values() for c in calls)
+        backward = any(c.rows is not None for calls in self.engine._calls.values() for c in calls)
         self.engine.clear()
         if backward and not self._privatized:
             raise PrivacyError("a backward pass ran without an optimizer step: the raw gradient "

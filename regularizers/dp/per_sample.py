@@ -19,15 +19,16 @@ import torch
 from torch import nn
 
 from .errors import PrivacyError
-from .pieces import Piece, Scaled, combine
+from .pieces import LinearLike, Piece, Scaled, combine
 from .samplers import Sampler, _embedding, refusal, sampler_for
 
 
 @dataclass
 class _Call:
-    acts: tuple
-    grad: torch.Tensor | None = None
-    out: torch.Tensor | None = None  # kept until backward
+    acts: tuple | None
+    rows: int | None = None          # the output gradient's first dimension, once it came
+    pieces: dict | None = None       # computed in the backward hook
+    error: Exception | None = None
 
 
 def _owned(m: nn.Module) -> list[nn.Parameter]:
@@ -65,6 +66,13 @@ class PerSampleGradients:
             self._owned[m], self._names[m], self._calls[m] = own, name or type(m).__name__, []
             self.how[self._names[m]] = how
             self._handles.append(m.register_forward_hook(self._forward_hook(fn)))
+        # modules owning a parameter another module also owns (tied weights): their pieces
+        # keep A and G, since the cross terms with the other use need them
+        count: dict[int, int] = {}
+        for own in self._owned.values():
+            for p in own:
+                count[id(p)] = count.get(id(p), 0) + 1
+        self._shared = {m for m, own in self._owned.items() if any(count[id(p)] > 1 for p in own)}
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -88,7 +96,7 @@ class PerSampleGradients:
         def hook(module, inputs, output):
             if not self.capturing or not torch.is_grad_enabled():
                 return
-            if not any(p.requires_grad for p in self._owned[module]):
+            if module not in self._owned or not any(p.requires_grad for p in self._owned[module]):
                 return
             if not isinstance(output, torch.Tensor):
                 raise PrivacyError(f"{type(module).__name__} returns {type(output).__name__}; "
@@ -103,14 +111,32 @@ class PerSampleGradients:
                 # GPT-2): expanding the output gives the add its per-example gradients
                 inputs = (inputs[0].expand(B, *inputs[0].shape[1:]),) + tuple(inputs[1:])
                 output = output.expand(B, *output.shape[1:])
-            call = _Call(tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs),
-                         out=output)
+            call = _Call(tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs))
             self._calls[module].append(call)
             self._samplers[module] = fn
 
             def grad_hook(g):
+                # Per-example pieces are made as the backward reaches each layer, so a
+                # layer's output gradient is freed at once and a materialized weight
+                # gradient replaces its activations (peak memory as Opacus's hooks).
                 g = g.detach()
-                call.grad = g
+                call.rows = g.shape[0]
+                if call.rows == 0:
+                    call.pieces, call.acts = {}, None
+                    return
+                was, self.capturing = self.capturing, False  # a sampler's own forwards
+                try:
+                    call.pieces = fn(module, call.acts, g)
+                except (NotImplementedError, RuntimeError) as e:
+                    call.error = e
+                    return
+                finally:
+                    self.capturing = was
+                if module not in self._shared:
+                    for piece in call.pieces.values():
+                        if isinstance(piece, LinearLike):
+                            piece.settle()
+                call.acts = None
             output.register_hook(grad_hook)
             return output
         return hook
@@ -126,17 +152,6 @@ class PerSampleGradients:
         finally:
             self.capturing = False
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """The backward DP-SGD needs: the hooked modules' output gradients only. Autograd
-        then skips every weight's own gradient (dW = G^T A, a third of a backward), which
-        the mechanism would overwrite anyway; ``.grad`` is left untouched."""
-        outs = [c.out for calls in self._calls.values() for c in calls if c.out is not None]
-        if outs:
-            torch.autograd.grad(loss, outs, allow_unused=True)  # the tensor hooks fire
-        for calls in self._calls.values():
-            for c in calls:
-                c.out = None
-
     def clear(self) -> None:
         for calls in self._calls.values():
             calls.clear()
@@ -149,17 +164,13 @@ class PerSampleGradients:
         sizes: dict[int, list[str]] = {}
         for m, calls in self._calls.items():
             for call in calls:
-                if call.grad is None:  # output unused by the loss
-                    continue
-                sizes.setdefault(call.grad.shape[0], []).append(self._names[m])
-                if call.grad.shape[0] == 0:
-                    continue
-                try:
-                    got = self._samplers[m](m, call.acts, call.grad)
-                except (NotImplementedError, RuntimeError) as e:
+                if call.error is not None:
                     raise PrivacyError(f"no per-example gradients for {self._names[m]} "
-                                       f"({type(m).__name__}): {e}") from e
-                for p, piece in got.items():
+                                       f"({type(m).__name__}): {call.error}") from call.error
+                if call.rows is None:  # output unused by the loss
+                    continue
+                sizes.setdefault(call.rows, []).append(self._names[m])
+                for p, piece in (call.pieces or {}).items():
                     per_param.setdefault(p, []).append(piece)
         if len(sizes) > 1:
             B = max(sizes, key=lambda b: len(sizes[b]))

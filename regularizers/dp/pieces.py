@@ -73,6 +73,15 @@ class LinearLike(Piece):
             self.A = self.A.to(self.G.dtype)
         self._gs = None
 
+    def settle(self) -> None:
+        """Materialize now if that is the chosen form (no larger than A and G), dropping
+        A and G; called as the backward passes the layer."""
+        B, T, d = self.A.shape
+        p = self.G.shape[-1]
+        if T > 1 and T * (d + p) >= d * p and not self.keep:
+            self._gs = self.materialize()
+            self.A = self.G = None
+
     def norm2(self):
         if self._gs is not None:
             return _rows_norm2(self._gs)
@@ -202,8 +211,10 @@ def combine(pieces: list[Piece]) -> Piece:
     if len(pieces) == 1:
         return pieces[0]
     groups: list[Piece] = []
+    def open_(q):  # a linear-like piece still holding A and G
+        return isinstance(q, LinearLike) and q._gs is None
     for kind in (True, False):
-        lin = [q for q in pieces if isinstance(q, LinearLike) and q.transposed is kind]
+        lin = [q for q in pieces if open_(q) and q.transposed is kind]
         if lin:
             groups.append(LinearLike(torch.cat([q.A for q in lin], 1),
                                      torch.cat([q.G for q in lin], 1), lin[0].shape, kind))
@@ -211,7 +222,7 @@ def combine(pieces: list[Piece]) -> Piece:
     if emb:
         groups.append(EmbeddingRows(torch.cat([q.idx for q in emb], 1),
                                     torch.cat([q.G for q in emb], 1), emb[0].num_embeddings))
-    rest = [q for q in pieces if not isinstance(q, (LinearLike, EmbeddingRows))]
+    rest = [q for q in pieces if not (open_(q) or isinstance(q, EmbeddingRows))]
     if len(groups) == 1 and not rest:
         return groups[0]
     if not rest and all(_has_cross(a, b) for i, a in enumerate(groups)

@@ -131,8 +131,8 @@ def probe(model: torch.nn.Module, engine: PerSampleGradients, loss_of: Callable,
             with engine.capture(batch_size=k):
                 loss = _seeded(lambda: loss_of(batch), seed=1)
                 torch.autograd.grad(loss, params, allow_unused=True)
-                sizes = {c.grad.shape[0] for calls in engine._calls.values() for c in calls
-                         if c.grad is not None}
+                sizes = {c.rows for calls in engine._calls.values() for c in calls
+                         if c.rows is not None}
                 pieces = engine.pieces()
             after = {n: b.detach().clone() for n, b in buffers.items()}
         finally:
