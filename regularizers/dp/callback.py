@@ -138,6 +138,7 @@ class DPSGD(L.Callback):
                                "a release of its own: use a first-order optimizer with DPSGD")
         check_not_sharded(pl_module, trainer.strategy)
         self.engine = PerSampleGradients(pl_module, self.loss_reduction)
+        self.engine.skip_weight_grads = trainer.world_size == 1
         self._recheck_trainable(trainer)
 
     def _recheck_trainable(self, trainer) -> None:

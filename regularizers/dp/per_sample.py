@@ -20,7 +20,26 @@ from torch import nn
 
 from .errors import PrivacyError
 from .pieces import LinearLike, Piece, Scaled, combine
-from .samplers import Sampler, _embedding, refusal, sampler_for
+from .samplers import Sampler, _embedding, _linear, is_conv1d, refusal, sampler_for
+
+
+class _NoWeightGrad(torch.autograd.Function):
+    """A Linear's output whose backward computes dX = G W only: autograd's own dW = G^T A
+    (a third of the layer's backward) would be overwritten by the private sum anyway."""
+
+    @staticmethod
+    def forward(ctx, x, weight, out, transposed: bool):
+        ctx.save_for_backward(weight)
+        ctx.transposed, ctx.x_dtype = transposed, x.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        w = ctx.saved_tensors[0].to(g.dtype)  # under autocast the forward ran in g's dtype
+        gx = g @ w.T if ctx.transposed else g @ w
+        return gx.to(ctx.x_dtype), None, None, None
 
 
 @dataclass
@@ -58,6 +77,8 @@ class PerSampleGradients:
         self.how: dict[str, str] = {}
         self.capturing = False
         self.batch_size: int | None = None  # the step's batch size, when known
+        # one process only: DDP's reducer expects every weight to receive a gradient
+        self.skip_weight_grads = False
         for name, m in model.named_modules():
             own = _owned(m)
             if not own:
@@ -111,6 +132,9 @@ class PerSampleGradients:
                 # GPT-2): expanding the output gives the add its per-example gradients
                 inputs = (inputs[0].expand(B, *inputs[0].shape[1:]),) + tuple(inputs[1:])
                 output = output.expand(B, *output.shape[1:])
+            if self.skip_weight_grads and fn is _linear and isinstance(inputs[0], torch.Tensor):
+                output = _NoWeightGrad.apply(inputs[0], module.weight, output.detach(),
+                                             is_conv1d(module))
             call = _Call(tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs))
             self._calls[module].append(call)
             self._samplers[module] = fn

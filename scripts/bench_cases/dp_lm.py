@@ -51,6 +51,7 @@ def _steps(base: nn.Module, x, y, V: int) -> tuple[dict, dict]:
     ours_model = copy.deepcopy(base)
     ours_opt = torch.optim.SGD(ours_model.parameters(), lr=LR)
     engine = PerSampleGradients(ours_model)
+    engine.skip_weight_grads = True  # as DPSGD in one process
     gen = torch.Generator().manual_seed(0)
 
     def ours():
