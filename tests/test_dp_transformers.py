@@ -1,6 +1,7 @@
-"""DP-SGD on transformer LMs: per-example gradients of Hugging Face GPT-2 (Conv1D, tied head,
-broadcast position index), Llama (RMSNorm, rotary, GQA, tied) and a peft LoRA model equal a
-naive per-example loop, and the DPSGD callback trains them with sensitivity <= C."""
+"""DP-SGD on transformers: per-example gradients of Hugging Face GPT-2 (Conv1D, tied head,
+broadcast position index), Llama (RMSNorm, rotary, GQA, tied), BERT (token-type and position
+tables, tied MLM head) and a peft LoRA model equal a naive per-example loop, and the DPSGD
+callback trains them with sensitivity <= C."""
 import warnings
 
 import pytest
@@ -53,7 +54,14 @@ def lm_loss(out, y):
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-MODELS = {"gpt2": gpt2, "llama": llama, "gpt2-lora": lora}
+def bert():
+    from transformers import BertConfig, BertForMaskedLM
+    return BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=32,
+                                      max_position_embeddings=16))
+
+
+MODELS = {"gpt2": gpt2, "llama": llama, "bert": bert, "gpt2-lora": lora}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
