@@ -50,3 +50,30 @@ def test_monitors_and_kmixup_under_bf16_mixed(tmp_path):
     for key in ("stability/attn_z/layer1", "stability/logit_z", "stability/mlp_rms/layer0",
                 "massive/ratio/layer1", "spectral/dW/max"):
         assert key in row and torch.isfinite(torch.tensor(row[key])), key
+
+
+def test_langevin_averaging_and_dpsgd_under_bf16_mixed():
+    """The remaining plug-ins: Langevin noise and iterate averaging act on fp32 weights, and
+    DP-SGD's probe, clipping and noise run (fp32 mechanism) on an HF model under autocast."""
+    import warnings
+    torch.manual_seed(0)
+    x = ids(16, 12)
+    data = [(r[:-1], r[1:]) for r in x]
+    model = HFCausalLM(config=ARCHS["llama"], vocab_size=V, optimizer="adamw", lr=1e-2,
+                       lr_decay="constant")
+    noise = regularizers.LangevinNoise(temperature=1e-6)
+    avg = regularizers.IterateAveraging(start_step=1)
+    fit(model, data, 4, [noise, avg])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    model = HFCausalLM(config=ARCHS["gpt2"], vocab_size=V, optimizer="sgd", lr=0.1,
+                       weight_decay=0.0, lr_decay="constant")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = regularizers.DPSGD(noise_multiplier=1.0, delta=1e-3, max_grad_norm=1.0, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    fit(model, data, 3, [dp])
+    assert dp.budget.steps == 3 and dp.report["epsilon"] > 0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
