@@ -94,3 +94,35 @@ def test_fsdp2_resumes_on_same_fewer_and_more_ranks(straight, tmp_path):
     assert_same(load(fit(tmp_path / "b", devices=1, steps=8, ckpt=half2)), straight)  # 2 -> 1
     half1 = fit(tmp_path / "c", devices=1, steps=4)
     assert_same(load(fit(tmp_path / "d", devices=2, steps=8, ckpt=half1)), straight)  # 1 -> 2
+
+
+def fit_recipe(cwd: Path, recipe: str, devices: int, extra: list) -> Path:
+    cwd.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "toolkit", "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"),
+           "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+           "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+           "--model.lr_decay", "constant", "--model.warmup_steps", "0", "--model.optimizer", "muon",
+           *extra] + (["--trainer.strategy", "fsdp2"] if devices > 1 else [])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted((cwd / "runs" / recipe).glob("version_*"), key=lambda p: int(p.name[8:]))
+    return runs[-1] / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["hf_llama_muon", "mnist_cnn"])
+def test_hf_and_classifier_modules_shard_and_train_like_one_process(recipe, tmp_path):
+    """HFCausalLM shards each decoder layer, Classifier its whole (small) model; 2 fsdp2 ranks
+    with half the batch each equal one process (GroupNorm: BatchNorm statistics are per rank)."""
+    kw = "{adam_lr: 0.01, ns_dtype: float32}"
+    if recipe == "mnist_cnn":
+        extra = lambda d: ["--data.root", str(ROOT.parent / "shared" / "data" / "mnist"),  # noqa: E731
+                           "--model.norm", "group", "--data.batch_size", str(GLOBAL_BATCH // d),
+                           "--model.optimizer_kwargs", kw]
+    else:
+        extra = lambda d: ["--data.block_size", "32", "--data.batch_size", str(GLOBAL_BATCH // d),  # noqa: E731
+                           "--model.optimizer_kwargs", kw]
+    two = fit_recipe(tmp_path / "two", recipe, 2, extra(2))
+    assert two.is_dir()  # a sharded (torch.distributed.checkpoint) checkpoint
+    assert_same(load(two), load(fit_recipe(tmp_path / "one", recipe, 1, extra(1))))

@@ -55,6 +55,14 @@ class Classifier(TrainModule):
         # one example: Lightning's model summary then reports real FLOPs (it printed 0)
         self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
 
+    def configure_model(self) -> None:
+        """--trainer.strategy fsdp2: these models are small, so one FSDP unit (the whole
+        model) shards every weight across ranks; BatchNorm statistics stay per rank, as
+        under DDP without SyncBatchNorm."""
+        from ..strategies import shard_blocks
+        if shard_blocks(self.model, [], self.device_mesh):
+            self.example_input_array = None  # a rank-0-only summary forward would hang
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 

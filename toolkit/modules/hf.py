@@ -93,6 +93,12 @@ class _HFModule(TrainModule):
             raise ValueError(f"data has {data_vocab} symbols but the model's vocab_size is "
                              f"{self.model.config.vocab_size}; set model.config.vocab_size: "
                              f"{data_vocab} (or model.vocab_size)")
+        if self.device_mesh is not None:  # --trainer.strategy fsdp2: shard each decoder layer
+            from ..monitors.layers import find_blocks
+            from ..strategies import shard_blocks
+            if shard_blocks(self.model, [b.module for b in find_blocks(self.model)],
+                            self.device_mesh):
+                self.example_input_array = None  # a rank-0-only summary forward would hang
 
     def _overrides(self) -> dict[str, Any]:
         return {}
