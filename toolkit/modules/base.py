@@ -32,6 +32,31 @@ def hard_labels(target: torch.Tensor) -> torch.Tensor:
     return target.argmax(-1) if target.is_floating_point() else target
 
 
+def log_lm_loss(module: L.LightningModule, loss: torch.Tensor, n: int, metric, stage: str) -> None:
+    """Training: the step's loss; evaluation: into ``metric`` (a MeanMetric weighted by the
+    batch's n examples), logged per epoch. The LM modules (toolkit GPT, HF) share it."""
+    if metric is None:
+        module.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
+    else:
+        metric.update(loss.detach(), weight=n)
+        module.log(f"{stage}/loss", metric, prog_bar=True, batch_size=n)
+
+
+def log_classification(module: L.LightningModule, logits: torch.Tensor, y: torch.Tensor,
+                       loss: torch.Tensor, metrics, stage: str) -> None:
+    """Training: per-step loss and accuracy (no epoch accumulation needed); evaluation:
+    into ``metrics`` ({"acc", "loss"}), logged per epoch. The classifiers share it."""
+    n = logits.shape[0]
+    if metrics is None:
+        acc = (logits.detach().argmax(-1) == hard_labels(y)).float().mean()
+        module.log_dict({"train/loss": loss.detach(), "train/acc": acc}, prog_bar=True,
+                        batch_size=n)
+        return
+    metrics["acc"].update(logits.detach(), hard_labels(y))
+    metrics["loss"].update(loss.detach(), weight=n)
+    module.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=True, batch_size=n)
+
+
 class TrainModule(L.LightningModule):
     """Builds its optimizer with :func:`optimizers.build_optimizer` and a warmup+decay schedule.
     ``lr=None`` takes the optimizer's own registered default (``toolkit optimizers``)."""

@@ -8,7 +8,7 @@ import torchmetrics
 from torch import nn
 
 from ..models import MLP, GNLinear, SmallCNN, TanhCNN
-from .base import TrainModule, cross_entropy, hard_labels
+from .base import TrainModule, cross_entropy, log_classification
 
 ARCHS = ("cnn", "mlp", "tanh_cnn", "gn_linear")
 
@@ -70,15 +70,7 @@ class Classifier(TrainModule):
         x, y = split_batch(batch)
         logits = self(x)
         loss = cross_entropy(logits, y)
-        n = x.shape[0]
-        if metrics is None:  # training: per-step values, no epoch accumulation needed
-            acc = (logits.detach().argmax(-1) == hard_labels(y)).float().mean()
-            self.log_dict({"train/loss": loss.detach(), "train/acc": acc}, prog_bar=True,
-                          batch_size=n)
-            return loss
-        metrics["acc"].update(logits.detach(), hard_labels(y))
-        metrics["loss"].update(loss.detach(), weight=n)
-        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=True, batch_size=n)
+        log_classification(self, logits, y, loss, metrics, stage)
         return loss
 
     def training_step(self, batch, batch_idx):

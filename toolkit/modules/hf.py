@@ -16,7 +16,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from .base import TrainModule, cross_entropy, hard_labels
+from .base import TrainModule, cross_entropy, log_classification, log_lm_loss
 
 TASKS = {"causal_lm": "AutoModelForCausalLM",
          "sequence_classification": "AutoModelForSequenceClassification"}
@@ -142,11 +142,7 @@ class HFCausalLM(_HFModule):
 
     def _step(self, batch, metric: torchmetrics.MeanMetric | None, stage: str):
         loss, n = self._loss(batch)
-        if metric is None:
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
-        else:
-            metric.update(loss.detach(), weight=n)
-            self.log(f"{stage}/loss", metric, prog_bar=True, batch_size=n)
+        log_lm_loss(self, loss, n, metric, stage)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -227,15 +223,7 @@ class HFClassifier(_HFModule):
         x, y, mask = self._split(batch)
         logits = self(x, mask)
         loss = cross_entropy(logits, y)
-        n = x.shape[0]
-        if metrics is None:
-            acc = (logits.detach().argmax(-1) == hard_labels(y)).float().mean()
-            self.log_dict({"train/loss": loss.detach(), "train/acc": acc}, prog_bar=True,
-                          batch_size=n)
-            return loss
-        metrics["acc"].update(logits.detach(), hard_labels(y))
-        metrics["loss"].update(loss.detach(), weight=n)
-        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=True, batch_size=n)
+        log_classification(self, logits, y, loss, metrics, stage)
         return loss
 
     def training_step(self, batch, batch_idx):

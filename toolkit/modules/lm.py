@@ -8,7 +8,7 @@ import torchmetrics
 
 from ..models import GPT, GPTConfig
 from ..strategies import shard_blocks
-from .base import TrainModule, cross_entropy
+from .base import TrainModule, cross_entropy, log_lm_loss
 
 
 class LanguageModel(TrainModule):
@@ -59,11 +59,7 @@ class LanguageModel(TrainModule):
     def _step(self, batch, metric: torchmetrics.MeanMetric | None, stage: str):
         x, y = batch
         loss = cross_entropy(self(x), y)
-        if metric is None:
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=x.shape[0])
-        else:
-            metric.update(loss.detach(), weight=x.shape[0])
-            self.log(f"{stage}/loss", metric, prog_bar=True, batch_size=x.shape[0])
+        log_lm_loss(self, loss, x.shape[0], metric, stage)
         return loss
 
     def training_step(self, batch, batch_idx):
