@@ -112,12 +112,13 @@ def fit_recipe(cwd: Path, recipe: str, devices: int, extra: list) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["hf_llama_muon", "mnist_cnn"])
-def test_hf_and_classifier_modules_shard_and_train_like_one_process(recipe, tmp_path):
+def test_hf_and_classifier_modules_shard_and_train_like_one_process(recipe, tmp_path, request):
     """HFCausalLM shards each decoder layer, Classifier its whole (small) model; 2 fsdp2 ranks
     with half the batch each equal one process (GroupNorm: BatchNorm statistics are per rank)."""
     kw = "{adam_lr: 0.01, ns_dtype: float32}"
     if recipe == "mnist_cnn":
-        extra = lambda d: ["--data.root", str(ROOT.parent / "shared" / "data" / "mnist"),  # noqa: E731
+        root = request.getfixturevalue("mnist_root")  # ../shared/data or $TOOLKIT_DATA
+        extra = lambda d: ["--data.root", str(root),  # noqa: E731
                            "--model.norm", "group", "--data.batch_size", str(GLOBAL_BATCH // d),
                            "--model.optimizer_kwargs", kw]
     else:
