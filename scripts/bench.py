@@ -1,11 +1,11 @@
-"""Benchmark harness: ``python scripts/bench.py CASE [CASE ...] [--reps N] [--quick]``.
+"""Benchmark harness: ``python -m scripts.bench CASE [CASE ...] [--reps N] [--quick]``.
 
 Each case times our implementation against one or more named references in the same
 process, interleaved (the order rotates every repetition so drift and caches hit all
 alike), and reports the median time of each and the ratio ours / reference. Results are
 printed as a table and written to ``bench_results/<case>.json``.
 
-Cases live in ``scripts/bench_cases/*.py`` and register themselves::
+Cases live in ``scripts/bench_cases/*.py`` and register themselves with ``scripts.harness.case``::
 
     @case("trainer-overhead", target=1.10)
     def trainer_overhead(quick: bool) -> Bench:
@@ -18,91 +18,11 @@ matching time ...) into the table and JSON.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import pkgutil
-import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
-# Run as a script this module is __main__; cases import it as ``bench``: make both one
-# module so their @case registrations land in the CASES read here.
-sys.modules.setdefault("bench", sys.modules[__name__])
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-
-@dataclass
-class Bench:
-    impls: dict[str, Callable[[], Any]]
-    extra: dict[str, Any] = field(default_factory=dict)
-    warmup: int = 1
-
-
-@dataclass
-class Case:
-    name: str
-    fn: Callable[[bool], Bench]
-    target: float | dict[str, float] | None
-    doc: str
-
-
-CASES: dict[str, Case] = {}
-
-
-def case(name: str, target: float | dict[str, float] | None = None):
-    """Register ``fn(quick) -> Bench``; ``target`` is the ratio ours/reference to stay under
-    (one number for every reference, or a dict reference name -> target)."""
-
-    def deco(fn):
-        CASES[name] = Case(name, fn, target, (fn.__doc__ or "").strip().split("\n")[0])
-        return fn
-
-    return deco
-
-
-def load_cases() -> None:
-    import bench_cases
-    for mod in pkgutil.iter_modules(bench_cases.__path__):
-        importlib.import_module(f"bench_cases.{mod.name}")
-
-
-def run_case(c: Case, reps: int, quick: bool) -> dict[str, Any]:
-    bench = c.fn(quick)
-    names = list(bench.impls)
-    for _ in range(bench.warmup):
-        for n in names:
-            bench.impls[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
-            t0 = time.perf_counter()
-            bench.impls[n]()
-            times[n].append(time.perf_counter() - t0)
-    med = {n: statistics.median(ts) for n, ts in times.items()}
-    ours = names[0]
-    ratios = {ref: med[ours] / med[ref] for ref in names[1:]}
-    return {"case": c.name, "ours": ours, "median_s": med, "times_s": times,
-            "ratio_vs": ratios, "target": c.target, "reps": reps, "extra": bench.extra}
-
-
-def format_result(res: dict[str, Any]) -> str:
-    lines = [f"== {res['case']} (median of {res['reps']}, ours = {res['ours']})"]
-    for n, t in res["median_s"].items():
-        ratio = res["ratio_vs"].get(n)
-        tail = "" if ratio is None else f"   ours/this = {ratio:.3f}"
-        target = res["target"].get(n) if isinstance(res["target"], dict) else res["target"]
-        if ratio is not None and target is not None:
-            tail += "  (target <= %.2f: %s)" % (target, "ok" if ratio <= target else "MISSED")
-        lines.append(f"  {n:<28} {t * 1e3:10.2f} ms{tail}")
-    for k, v in res["extra"].items():
-        lines.append(f"  {k}: {v}")
-    return "\n".join(lines)
+from scripts.harness import CASES, format_result, load_cases, run_case
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Run recipes over seeds; print mean and std of test accuracy and loss, and plot them.
 
-    python scripts/compare.py recipes/erm_mnist.yaml recipes/mixup_mnist.yaml \\
+    python -m scripts.compare recipes/erm_mnist.yaml recipes/mixup_mnist.yaml \\
         recipes/kmixup_mnist.yaml --seeds 0 1 2 --set trainer.max_epochs=10
 
 Each (recipe, seed) trains with the recipe's config and ``seed_everything=seed`` (the data
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def run_one(recipe: str, seed: int, overrides: list[str], runs_root: str) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Plot monitor curves of several runs side by side (e.g. AdamW vs Muon of one recipe).
 
-    python scripts/compare_monitors.py runs/massive_activations_lm/version_0 \
+    python -m scripts.compare_monitors runs/massive_activations_lm/version_0 \
         runs/massive_activations_lm_muon/version_0 --labels adamw muon --out monitors_compare.png
 
 Reads the TensorBoard events of each run folder; prints each indicator at a few steps

@@ -1,7 +1,7 @@
 """Compare lr_sweep runs of several optimizers: validation curves, steps to a target loss,
 and the spectral-norm band of hidden matrices.
 
-    python scripts/compare_optimizers.py runs/exp/adamw runs/exp/muon runs/exp/auon \
+    python -m scripts.compare_optimizers runs/exp/adamw runs/exp/muon runs/exp/auon \
         runs/exp/muonpp --reference adamw --out docs/figures/optimizers
 
 Reads each folder's ``results.json`` (from scripts/lr_sweep.py), takes each optimizer's

@@ -1,6 +1,6 @@
 """Empirical privacy audit of ``DPSGD`` with one training run (Steinke, Nasr & Jagielski 2023).
 
-    python scripts/dp_audit.py --sigmas 1 2 3 --broken none clip noise --out runs/dp_audit
+    python -m scripts.dp_audit --sigmas 1 2 3 --broken none clip noise --out runs/dp_audit
 
 Steinke et al. 2023 ("Privacy Auditing with One (1) Training Run", NeurIPS), Alg. 1: m
 canaries, each put into the training set independently with probability 1/2; train ONCE
@@ -33,7 +33,6 @@ import inspect
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,7 +41,6 @@ import numpy as np
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 DATA = Path(os.environ.get("TOOLKIT_DATA", ROOT.parent / "shared" / "data")) / "mnist"
 FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # guesses r as fractions of m (fixed a priori)
 

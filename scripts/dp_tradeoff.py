@@ -1,8 +1,8 @@
 """Utility against epsilon for DP-SGD recipes: MNIST accuracy (dpsgd_mnist) or char-LM
 validation loss (dp_lm), each beside the non-private run at equal steps.
 
-    python scripts/dp_tradeoff.py --epsilons 0.5 1 2 3 8 --out runs/dp_tradeoff
-    python scripts/dp_tradeoff.py --recipe recipes/dp_lm.yaml --epsilons 1 3 8 --non-private
+    python -m scripts.dp_tradeoff --epsilons 0.5 1 2 3 8 --out runs/dp_tradeoff
+    python -m scripts.dp_tradeoff --recipe recipes/dp_lm.yaml --epsilons 1 3 8 --non-private
 
 For each target epsilon (the recipe's delta and accountant) sigma is calibrated for the
 planned steps, the recipe's unmodified module is trained with the DPSGD callback, and the
@@ -22,7 +22,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def build(node: dict, **override):

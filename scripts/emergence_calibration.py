@@ -4,8 +4,8 @@
 first half; the prediction at 3000..9000 (and 1550..3000 from the first half) is compared
 with the law that generated the curve.
 
-    python scripts/emergence_calibration.py --n 40 --seed 2               # iid noise
-    python scripts/emergence_calibration.py --n 30 --seed 5 --noise ar1   # AR(1) + 2% multiplicative
+    python -m scripts.emergence_calibration --n 40 --seed 2               # iid noise
+    python -m scripts.emergence_calibration --n 30 --seed 5 --noise ar1   # AR(1) + 2% multiplicative
 
 Prints one line per curve and the summary: how many fits call themselves identifiable,
 their largest relative error, and how many flagged fits would have missed by > 15%.
@@ -13,14 +13,12 @@ their largest relative error, and how many flagged fits would have missed by > 1
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toolkit.monitors.emergence import emergence_law, fit_emergence, peak_step  # noqa: E402
+from toolkit.monitors.emergence import emergence_law, fit_emergence, peak_step
 
 
 def draw(rng, noise: str):

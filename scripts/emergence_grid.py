@@ -2,8 +2,8 @@
 "Hidden Dynamics of Massive Activations in Transformer Training", Sec. 5: the law's
 parameters predicted from architecture and optimizer settings).
 
-    python scripts/emergence_grid.py run --jobs 2          # trains the grid (skips finished runs)
-    python scripts/emergence_grid.py analyze               # fits, regression, docs/figures
+    python -m scripts.emergence_grid run --jobs 2          # trains the grid (skips finished runs)
+    python -m scripts.emergence_grid analyze               # fits, regression, docs/figures
 
 ``run`` trains the char GPT of ``recipes/massive_activations_lm.yaml`` (constant lr, no
 weight decay, fixed probe batch) with its width, depth, heads and lr overridden, through
@@ -25,8 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 RECIPE = ROOT / "recipes" / "massive_activations_lm.yaml"
 WIDTHS, DEPTHS, LRS = (32, 64), (2, 3, 4), (0.005, 0.02)
@@ -105,7 +103,7 @@ def main(argv=None) -> None:
     if args.cmd == "run":
         run_grid(args)
     else:
-        from emergence_regression import analyze
+        from scripts.emergence_regression import analyze
         analyze(Path(args.out), Path(args.docs), grid(), args.name)
 
 

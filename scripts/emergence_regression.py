@@ -242,8 +242,8 @@ def analyze(out: Path, docs: Path, grid: list[dict], name: str = "emergence_grid
     widths, lrs = sorted({r["width"] for r in recs}), sorted({r["lr"] for r in recs})
     wflag = ("" if len(widths) > 1 else f" --widths {widths[0]}") + (
         "" if len(lrs) > 1 else f" --lrs {lrs[0]:g}")
-    reproduce = (f"python scripts/emergence_grid.py run --jobs 2 --steps {steps[0] if steps else '?'}"
-                 f"{wflag} --out {rel} && python scripts/emergence_grid.py analyze --out {rel} "
+    reproduce = (f"python -m scripts.emergence_grid run --jobs 2 --steps {steps[0] if steps else '?'}"
+                 f"{wflag} --out {rel} && python -m scripts.emergence_grid analyze --out {rel} "
                  f"--name {name}")
     path.write_text(markdown(recs, res, grid, "/".join(map(str, steps)) or "?", reproduce))
     path.with_suffix(".json").write_text(json.dumps({"layers": recs, "regression": res},

@@ -1,6 +1,6 @@
 """Fit the massive-activation emergence law per layer to a saved monitor history.
 
-    python scripts/fit_massive.py runs/massive_activations_lm/version_0/massive_activations.csv
+    python -m scripts.fit_massive runs/massive_activations_lm/version_0/massive_activations.csv
 
 Prints the table (ratio at start/end, top-1 position, A, lambda, gamma, t0, K, R^2; then
 per layer the steady state, peak step and r(horizon x last step) with their bootstrap
@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toolkit.monitors.emergence import fit_history, plot_history, summary_table  # noqa: E402
-from toolkit.monitors.massive import read_history  # noqa: E402
+from toolkit.monitors.emergence import fit_history, plot_history, summary_table
+from toolkit.monitors.massive import read_history
 
 
 def main(argv: list[str] | None = None) -> dict:

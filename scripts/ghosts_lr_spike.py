@@ -1,6 +1,6 @@
 """The lr-spike experiment of Ghosts of Softmax (P. Sao, arXiv 2603.13552) from a recipe:
 
-    python scripts/ghosts_lr_spike.py recipes/ghosts_lr_spike.yaml --seeds 0 1 2 \\
+    python -m scripts.ghosts_lr_spike recipes/ghosts_lr_spike.yaml --seeds 0 1 2 \\
         --set data.root=../shared/data/mnist
 
 Arms, all from the recipe's config: ``no-spike`` (LRSpike and RadiusControl removed),
@@ -26,7 +26,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 ARMS = ("no-spike", "no-spike+control", "spike", "spike+clip", "spike+control")
 

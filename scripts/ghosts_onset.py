@@ -1,7 +1,7 @@
 """Failure onset at r = tau / rho_a ~ 1 (Ghosts of Softmax, P. Sao, arXiv 2603.13552, the
 phase-transition experiment) on an MNIST MLP:
 
-    python scripts/ghosts_onset.py --root ../shared/data/mnist --out docs/figures
+    python -m scripts.ghosts_onset --root ../shared/data/mnist --out docs/figures
 
 Trains the ghosts_lr_spike recipe's MLP (784-256-256-10, AdamW lr 1e-3, batch 128) and at
 checkpoints (steps 10, 100, 400) takes ``--batches`` fresh batches; for each, steps along the
@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def sweep(model, x, y, rs) -> tuple[list[bool], list[float]]:

@@ -1,6 +1,6 @@
 """The k-mixup paper's 2-D demonstration: OT matching keeps mixed points on the data.
 
-    python scripts/kmixup_toy.py [--pairs 8192] [--out runs/kmixup_toy]
+    python -m scripts.kmixup_toy [--pairs 8192] [--out runs/kmixup_toy]
 
 Greenewald et al., "k-Mixup Regularization for Deep Learning via Optimal Transport", Sec. 4
 (and Figs. 1-2): for k in 1, 2, 4, ... 64 draw two disjoint k-sets, match them with
@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from regularizers import kmixup_partners  # noqa: E402
-from regularizers.kmixup import sample_lambda  # noqa: E402
+from regularizers import kmixup_partners
+from regularizers.kmixup import sample_lambda
 
 CLUSTERS, STD = 8, 0.35
 R99 = STD * math.sqrt(-2 * math.log(0.01))  # 2-D Gaussian: P(|x - centre| > R99) = 1%

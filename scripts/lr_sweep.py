@@ -1,6 +1,6 @@
 """Learning-rate x width (x depth) grid for any registered optimizer on the char GPT.
 
-    python scripts/lr_sweep.py --optimizer hyperp --lrs 0.005 0.01 0.02 --widths 32 64 128 \
+    python -m scripts.lr_sweep --optimizer hyperp --lrs 0.005 0.01 0.02 --widths 32 64 128 \
         --depths 4 --steps 300 --out runs/sweeps/hyperp
 
 Each grid point trains the quickstart LanguageModel on embedded Tiny Shakespeare with the
@@ -24,11 +24,10 @@ import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from optimizers import OPTIMIZERS  # noqa: E402
-from optimizers.muonpp import hidden_spectral_ratios  # noqa: E402
-from toolkit import LanguageModel, TextDataModule  # noqa: E402
+from optimizers import OPTIMIZERS
+from optimizers.muonpp import hidden_spectral_ratios
+from toolkit import LanguageModel, TextDataModule
 
 
 class Recorder(L.Callback):

@@ -8,7 +8,7 @@ the largest |activation| of every layer's residual stream sits at dim 99 of the 
 median of top-1 / median |a| (the ratio), and the share of prompts whose top-1 is at
 (token 0, dim 99).
 
-    python scripts/minilm_massive.py --prompts 64 [--json out.json]
+    python -m scripts.minilm_massive --prompts 64 [--json out.json]
 """
 from __future__ import annotations
 

@@ -161,15 +161,9 @@ def planted_history():
 
 
 def test_fit_massive_reports_prediction_interval_and_flag(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
     from toolkit.monitors import write_history
     path = write_history(planted_history(), tmp_path / "massive_activations.csv")
-    spec = importlib.util.spec_from_file_location(
-        "fit_massive", Path(__file__).resolve().parent.parent / "scripts/fit_massive.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from scripts import fit_massive as mod
     result = mod.main([str(path)])
     out = capsys.readouterr().out
     good, bad = result["0"], result["1"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 from pathlib import Path
 
@@ -137,9 +136,7 @@ def test_fit_massive_script_on_saved_history(tmp_path):
                              ratio=r, batch=0, token=0, dim=7, massive=0))
     from toolkit.monitors import write_history
     path = write_history(rows, tmp_path / "massive_activations.csv")
-    spec = importlib.util.spec_from_file_location("fit_massive", ROOT / "scripts/fit_massive.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from scripts import fit_massive as mod
     result = mod.main([str(path)])
     assert set(result) == {"0", "1"} and all(f["r2"] > 0.99 for f in result.values())
     assert (tmp_path / "massive_ratio.png").stat().st_size > 0

@@ -6,7 +6,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from bench import Bench, case
+from scripts.harness import Bench, case
 
 
 @case("compile-lm-step", target=1.0)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from bench import Bench, case
+from scripts.harness import Bench, case
 
 
 def peak_bytes(fn) -> int:

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import Bench, case
-from bench_cases.dp import peak_bytes
+from scripts.harness import Bench, case
+from scripts.bench_cases.dp import peak_bytes
 
 SIGMA, C, LR = 1.0, 1.0, 0.05
 TARGET = {"opacus-hooks": 0.8, "opacus-ghost": 0.8, "non-private": 1.4}

@@ -22,7 +22,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench import Bench, case
+from scripts.harness import Bench, case
 
 WORLD = 2
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from bench import Bench, case
+from scripts.harness import Bench, case
 
 from regularizers import RadiusControl
 from toolkit.models import MLP, SmallCNN

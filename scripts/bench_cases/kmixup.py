@@ -6,7 +6,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench import Bench, case
+from scripts.harness import Bench, case
 
 from regularizers import kmixup_batch, kmixup_partners, mixup_batch
 from toolkit.models import SmallCNN

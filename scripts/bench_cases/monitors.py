@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from bench import Bench, case
+from scripts.harness import Bench, case
 
 
 class _StepTimes(L.Callback):

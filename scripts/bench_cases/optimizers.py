@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import muon
 import torch
-from bench import Bench, case
+from scripts.harness import Bench, case
 
 import optimizers
 from toolkit.models.gpt import GPT, GPTConfig

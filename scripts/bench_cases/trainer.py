@@ -5,7 +5,7 @@ import tempfile
 
 import torch
 
-from bench import Bench, case
+from scripts.harness import Bench, case
 
 
 def _setup(quick: bool):

@@ -1,0 +1,1 @@
+"""Benchmarks, sweeps and plots; run each as ``python -m scripts.<name>`` from the repository root."""
