@@ -1,6 +1,7 @@
 """Optimizers as plug-ins: a registry, a param-group factory and schedules. Pure torch."""
-from .factory import (OPTIMIZERS, build_optimizer, classify_parameters, default_lr,
-                      describe_optimizers, optimizer_defaults, param_groups, register)
+from .registry import (OPTIMIZERS, OptimizerRecord, check_optimizer_options, default_lr,
+                       describe_optimizers, optimizer_defaults, register)
+from .factory import build_optimizer, classify_parameters, param_groups
 from .schedules import lr_factor, warmup_decay
 from .muon import Muon
 from .hyperp import HyperSphere
@@ -8,7 +9,8 @@ from .muonpp import MuonPlusPlus
 from .auon import AuON, HybridAuON
 from .weight_decay_rules import apply_weight_decay_rule, tau_from_weight_decay, weight_decay_from_tau
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "classify_parameters", "default_lr",
-           "describe_optimizers", "optimizer_defaults", "param_groups", "register",
-           "lr_factor", "warmup_decay", "Muon", "HyperSphere", "MuonPlusPlus", "AuON",
-           "HybridAuON", "apply_weight_decay_rule", "tau_from_weight_decay", "weight_decay_from_tau"]
+__all__ = ["OPTIMIZERS", "OptimizerRecord", "build_optimizer", "check_optimizer_options",
+           "classify_parameters", "default_lr", "describe_optimizers", "optimizer_defaults",
+           "param_groups", "register", "lr_factor", "warmup_decay", "Muon", "HyperSphere",
+           "MuonPlusPlus", "AuON", "HybridAuON", "apply_weight_decay_rule", "tau_from_weight_decay",
+           "weight_decay_from_tau"]

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .factory import register
-from .muon import Muon
+from .muon import Muon, refuse_unused
+from .registry import register
 
 
 def auon_normalize(m: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,15 @@ def auon_normalize(m: torch.Tensor) -> torch.Tensor:
 
 
 class AuON(Muon):
-    """Linear-time AuON (``ns_steps`` is ignored)."""
+    """Linear-time AuON: no Newton-Schulz, so ``ns_steps`` (and the Newton-Schulz precision
+    switches) are refused rather than ignored."""
+    refused_options = {"ns_steps": "AuON normalizes the momentum in linear time, without "
+                                    "Newton-Schulz (use hybrid_auon for one iteration)",
+                       "ns_dtype": "AuON runs no Newton-Schulz", "ns_matmul": "AuON runs no Newton-Schulz"}
+
+    def __init__(self, params, lr: float = 0.02, **kw):
+        refuse_unused(type(self), kw)
+        super().__init__(params, lr=lr, **kw)
 
     def directions(self, entries):
         return [auon_normalize(u) for _, _, u in entries]
@@ -61,17 +69,8 @@ class HybridAuON(Muon):
         return torch.float32
 
 
-@register("auon", lr=0.1,
-          description="AuON (Maity 2025): linear-time normalized momentum, no Newton-Schulz; lr ~5x Muon's (0.1 best in 1500-step LM sweeps)")
-def build_auon(groups, lr, **hp) -> AuON:
-    return AuON(groups, lr=lr, **hp)
-
-
-@register("hybrid_auon", lr=0.1,
-          description="Hybrid-AuON: one Newton-Schulz step, then AuON normalization; lr as AuON")
-def build_hybrid_auon(groups, lr, **hp) -> HybridAuON:
-    return HybridAuON(groups, lr=lr, **hp)
-
-
-build_auon.optimizer_class = AuON
-build_hybrid_auon.optimizer_class = HybridAuON
+register("auon", AuON, lr=0.1,
+         description="AuON (Maity 2025): linear-time normalized momentum, no Newton-Schulz; lr ~5x "
+                     "Muon's (0.1 best in 1500-step LM sweeps)")
+register("hybrid_auon", HybridAuON, lr=0.1,
+         description="Hybrid-AuON: one Newton-Schulz step, then AuON normalization; lr as AuON")

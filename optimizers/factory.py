@@ -10,17 +10,14 @@ Pure torch: nothing here imports Lightning.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from .orientation import transposed_names
+from .registry import record
 from .weight_decay_rules import apply_weight_decay_rule
-
-OptimizerBuilder = Callable[..., torch.optim.Optimizer]
-OPTIMIZERS: dict[str, OptimizerBuilder] = {}
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
           nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
@@ -31,79 +28,6 @@ _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 # hidden matrices (they map to a vocabulary / label space, not a hidden space).
 HEAD_NAMES = ("lm_head", "head", "classifier", "output_layer", "fc_out")
 KINDS = ("hidden", "head", "embedding", "gain", "bias")
-
-
-def register(name: str, lr: float | None = None, description: str = ""
-             ) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
-    """Decorator adding ``fn(groups, lr=..., **hparams) -> Optimizer`` to the registry.
-
-    ``lr`` is the optimizer's own default learning rate (used when ``build_optimizer`` gets
-    none): one lr cannot suit every family (Muon's orthogonalized update wants ~20x AdamW's).
-    None takes the ``lr`` default of ``fn.optimizer_class``'s constructor, if it has one.
-    ``description`` is the line ``python -m toolkit optimizers`` shows.
-    """
-
-    def deco(fn: OptimizerBuilder) -> OptimizerBuilder:
-        if name in OPTIMIZERS:
-            raise ValueError(f"optimizer {name!r} is registered twice")
-        fn.default_lr = lr
-        fn.description = description
-        OPTIMIZERS[name] = fn
-        return fn
-
-    return deco
-
-
-def default_lr(name: str) -> float:
-    """The learning rate ``build_optimizer(model, name)`` uses when given none."""
-    builder = OPTIMIZERS[name]
-    lr = getattr(builder, "default_lr", None)
-    if lr is None:
-        param = _signature(builder).parameters.get("lr")
-        lr = param.default if param is not None else None
-    if not isinstance(lr, (int, float)):
-        raise ValueError(f"optimizer {name!r} has no default learning rate: pass lr=..., or "
-                         f"register it with @optimizers.register({name!r}, lr=...)")
-    return float(lr)
-
-
-def _signature(builder: OptimizerBuilder) -> inspect.Signature:
-    return inspect.signature(getattr(builder, "optimizer_class", builder))
-
-
-# torch's kernel/implementation switches: not hyperparameters a user tunes
-_IMPLEMENTATION_FLAGS = {"foreach", "capturable", "differentiable", "fused", "maximize"}
-
-
-def optimizer_defaults(name: str) -> dict[str, Any]:
-    """lr and the other keyword defaults ``build_optimizer(model, name)`` applies
-    (weight_decay is the factory's, applied to hidden matrices and heads only)."""
-    builder = OPTIMIZERS[name]
-    out: dict[str, Any] = {"lr": default_lr(name), "weight_decay": 0.0}
-    cls = getattr(builder, "optimizer_class", None)
-    # a subclass's **kw forwards to its parent's constructor, so walk up until none does
-    for klass in (cls.__mro__ if cls is not None else ()):
-        if "__init__" not in vars(klass):
-            continue
-        params = list(inspect.signature(klass.__init__).parameters.values())[1:]
-        for p in params:
-            if (p.default is not inspect.Parameter.empty and p.name not in out
-                    and p.name not in _IMPLEMENTATION_FLAGS):
-                out[p.name] = p.default
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            break
-    out.update(getattr(builder, "fixed_defaults", {}))
-    return out
-
-
-def describe_optimizers() -> str:
-    """One block per registered optimizer: name, description, defaults."""
-    blocks = []
-    for name in sorted(OPTIMIZERS):
-        desc = getattr(OPTIMIZERS[name], "description", "") or "(no description)"
-        defaults = ", ".join(f"{k}={v}" for k, v in optimizer_defaults(name).items())
-        blocks.append(f"{name}\n    {desc}\n    defaults: {defaults}")
-    return "\n".join(blocks)
 
 
 def _head_modules(model: nn.Module, head_names: Iterable[str] | None) -> set[str]:
@@ -180,13 +104,13 @@ def build_optimizer(model: nn.Module | Iterable, name: str = "adamw", lr: float 
     ``model`` may be an ``nn.Module`` (groups from :func:`param_groups`) or an iterable
     of ready-made param groups (dicts) / parameters. Extra ``hparams`` go to the
     optimizer's constructor (``betas``, ``momentum``, ``ns_steps`` ...). ``lr=None`` uses the
-    optimizer's registered default (:func:`default_lr`; ``python -m toolkit optimizers``).
+    optimizer's registered default (``python -m toolkit optimizers``); an option the optimizer does not accept fails here,
+    naming the ones it does.
     ``weight_decay_rule`` sets per-group decay (and lr) by a rule of ``weight_decay_rules.py``:
     Power Lines' ``{"kind": "power_lines", "tau": ...}`` or ``{"kind": "layerwise", ...}``.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; registered: {sorted(OPTIMIZERS)}. "
-                         "Add one with @optimizers.register(name).")
+    rec = record(name)
+    rec.check_options(hparams)
     if isinstance(model, nn.Module):
         groups = param_groups(model, weight_decay, head_names)
     else:
@@ -197,31 +121,8 @@ def build_optimizer(model: nn.Module | Iterable, name: str = "adamw", lr: float 
             groups = [{"params": groups, "weight_decay": weight_decay}]
     if "betas" in hparams:  # YAML gives lists; torch wants a tuple
         hparams["betas"] = tuple(hparams["betas"])
-    builder = OPTIMIZERS[name]
     if lr is None:
-        lr = default_lr(name)
+        lr = rec.default_lr()
     if weight_decay_rule is not None:
         groups = apply_weight_decay_rule(groups, lr, weight_decay_rule)
-    try:
-        return builder(groups, lr=lr, **hparams)
-    except TypeError as e:
-        sig = inspect.signature(getattr(builder, "optimizer_class", builder))
-        raise TypeError(f"optimizer {name!r} rejected its hyperparameters {sorted(hparams)}: {e}. "
-                        f"It accepts {list(sig.parameters)[1:]}") from e
-
-
-def _torch_builder(cls: type[torch.optim.Optimizer], **defaults: Any) -> OptimizerBuilder:
-    def build(groups, lr, **hp):
-        return cls(groups, lr=lr, **{**defaults, **hp})
-
-    build.optimizer_class = cls
-    build.fixed_defaults = defaults
-    return build
-
-
-register("adamw", lr=1e-3, description="AdamW (Loshchilov & Hutter), torch.optim.AdamW")(
-    _torch_builder(torch.optim.AdamW))
-register("adam", lr=1e-3, description="Adam (Kingma & Ba), torch.optim.Adam")(
-    _torch_builder(torch.optim.Adam))
-register("sgd", lr=0.01, description="SGD with heavy-ball momentum 0.9, torch.optim.SGD; no lr "
-         "suits every model (the recipes use 0.05-8)")(_torch_builder(torch.optim.SGD, momentum=0.9))
+    return rec.build(groups, lr=lr, **{**rec.fixed, **hparams})

@@ -33,7 +33,8 @@ import re
 import torch
 
 from . import sharded
-from .factory import register
+from .muon import refuse_unused
+from .registry import register
 from .muon import Muon
 
 
@@ -54,8 +55,12 @@ class HyperSphere(Muon):
     the step is relative.
     """
 
+    refused_options = {"adjust_lr": "HyperSphere's step is relative to ||W||_F (lr is the relative "
+                                     "step), so no shape-based lr adjustment applies"}
+
     def __init__(self, params, lr: float = 0.02, base_depth: int | None = None,
                  depth: int | None = None, radius_scale: float | None = None, **kw):
+        refuse_unused(type(self), kw)
         if radius_scale is not None and not radius_scale > 0:
             raise ValueError(f"radius_scale must be > 0 (or None to keep the initial norms), "
                              f"got {radius_scale}")
@@ -98,10 +103,6 @@ class HyperSphere(Muon):
         p.mul_(st["radius"] / torch.linalg.vector_norm(p).clamp_min(1e-12))
 
 
-@register("hyperp", lr=0.02,
-          description="HyperP (Ren et al.): Muon on a Frobenius sphere; radius_scale=1.0 for lr transfer across width")
-def build_hyperp(groups, lr, **hp) -> HyperSphere:
-    return HyperSphere(groups, lr=lr, **hp)
-
-
-build_hyperp.optimizer_class = HyperSphere
+register("hyperp", HyperSphere, lr=0.02,
+         description="HyperP (Ren et al.): Muon on a Frobenius sphere; radius_scale=1.0 for lr "
+                     "transfer across width")

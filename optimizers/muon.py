@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .factory import register
+from .registry import register
 from . import sharded
 from .newton_schulz import NS_MATMULS, as_matrix, orthogonalize_many
 from .orientation import fans, group_flags
@@ -87,6 +87,15 @@ def _split_params(params: Iterable) -> list[dict[str, Any]]:
             if g["params"]]
 
 
+def refuse_unused(optimizer_class: type, options: dict) -> None:
+    """Raise on an option a subclass inherits from :class:`Muon` but does not use (listed in its
+    ``refused_options``), instead of ignoring it silently."""
+    for key in options:
+        if key in optimizer_class.refused_options:
+            raise ValueError(f"{optimizer_class.__name__} does not use {key!r}: "
+                             f"{optimizer_class.refused_options[key]}")
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (hidden matrices, ``use_muon=True`` groups) + AdamW (other groups).
 
@@ -108,6 +117,8 @@ class Muon(torch.optim.Optimizer):
             its point), else the reference package's 3e-4.
         betas, eps: the AdamW groups' (reference defaults (0.9, 0.95), 1e-10).
     """
+
+    refused_options: dict[str, str] = {}  # inherited options a subclass does not use
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0, adjust_lr: str = "original",
@@ -257,10 +268,6 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(ps, upd, alpha=-g["lr"])
 
 
-@register("muon", lr=0.02,
-          description="Muon (Jordan et al.): Newton-Schulz-orthogonalized momentum on hidden matrices, AdamW (adam_lr, None = 3e-4) on the rest")
-def build_muon(groups, lr, **hp) -> Muon:
-    return Muon(groups, lr=lr, **hp)
-
-
-build_muon.optimizer_class = Muon
+register("muon", Muon, lr=0.02,
+         description="Muon (Jordan et al.): Newton-Schulz-orthogonalized momentum on hidden matrices, "
+                     "AdamW (adam_lr, None = 3e-4) on the rest")

@@ -20,12 +20,14 @@ implemented. :func:`spectral_ratios` measures ``||W||_2 / s`` for plots and test
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
 
-from .factory import classify_parameters, register
-from .muon import Muon
+from .factory import classify_parameters
+from .muon import Muon, refuse_unused
+from .registry import register
 from .orientation import fans, transposed_names
 
 
@@ -57,17 +59,29 @@ class MuonPlusPlus(Muon):
     """Muon with the muP update scale ``sqrt(fan_out/fan_in)`` and decay ``1/spectral_target``.
 
     ``spectral_target=None`` keeps the groups' ``weight_decay`` (the bound is then
-    ``c / weight_decay``). ``adjust_lr`` is unused.
+    ``c / weight_decay``); with a target, a different non-zero hidden-group decay is replaced and
+    a warning says so. ``adjust_lr`` is refused: the update scale is the muP one.
     """
+    refused_options = {"adjust_lr": "Muon++ scales every update by sqrt(fan_out/fan_in) (the muP "
+                                    "spectral condition), not by a shape-based lr adjustment"}
 
     def __init__(self, params, lr: float = 0.02, spectral_target: float | None = 2.0, **kw):
+        refuse_unused(type(self), kw)
         if spectral_target is not None and spectral_target <= 0:
             raise ValueError(f"spectral_target must be > 0, got {spectral_target}")
         super().__init__(params, lr=lr, **kw)
+        replaced = set()
         for g in self.param_groups:
             if g["use_muon"] and spectral_target is not None:
+                if g["weight_decay"] not in (0.0, 1.0 / spectral_target):
+                    replaced.add(g["weight_decay"])
                 g["weight_decay"] = 1.0 / spectral_target
             g["spectral_target"] = spectral_target
+        if replaced:
+            warnings.warn(f"Muon++ sets hidden-matrix weight decay to 1/spectral_target = "
+                          f"{1.0 / spectral_target:g} (its spectral bound needs it), replacing "
+                          f"{sorted(replaced)}; other groups keep theirs. Pass spectral_target=None "
+                          "to use your own decay.", UserWarning, stacklevel=2)
 
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         lr = group["lr"]
@@ -76,10 +90,5 @@ class MuonPlusPlus(Muon):
         p.add_(d, alpha=-lr * math.sqrt(fan_out / fan_in))
 
 
-@register("muonpp", lr=0.02,
-          description="Muon++: Muon with the muP spectral update scale and decay 1/spectral_target")
-def build_muonpp(groups, lr, **hp) -> MuonPlusPlus:
-    return MuonPlusPlus(groups, lr=lr, **hp)
-
-
-build_muonpp.optimizer_class = MuonPlusPlus
+register("muonpp", MuonPlusPlus, lr=0.02,
+         description="Muon++: Muon with the muP spectral update scale and decay 1/spectral_target")

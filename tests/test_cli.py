@@ -104,3 +104,20 @@ def test_evaluating_last_without_a_checkpoint_fails_clearly(subcommand, capsys, 
     assert f"{subcommand} --ckpt_path last: no last.ckpt under runs/mnist_cnn" in err
     assert "Train first" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("recipe_name,options,says", [
+    ("muon_lm.yaml", "{ns_step: 3}", r"'muon' has no option(s) ['ns_step']; it accepts ['adam_lr', "),
+    ("auon_lm.yaml", "{ns_steps: 3}", "'auon' does not use 'ns_steps'"),
+])
+def test_an_optimizer_option_typo_fails_at_parse_time(recipe_name, options, says, capsys, tmp_path,
+                                                      monkeypatch):
+    """Before any class is built or a run folder made, naming the accepted options."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(RECIPES / recipe_name), "--model.init_args.optimizer_kwargs",
+              options])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "toolkit: error: model.init_args: optimizer" in err and says in err
+    assert not (tmp_path / "runs").exists()

@@ -56,8 +56,56 @@ def test_build_optimizer_errors_name_the_fix():
     model = nn.Linear(3, 3)
     with pytest.raises(ValueError, match="registered"):
         build_optimizer(model, "nonexistent")
-    with pytest.raises(TypeError, match="rejected its hyperparameters"):
+    with pytest.raises(ValueError, match=r"'adamw' has no option\(s\) \['momentum_typo'\]; it accepts .*'betas'"):
         build_optimizer(model, "adamw", momentum_typo=0.9)
+
+
+# Options a subclass inherits from Muon but does not use must fail, not be ignored.
+@pytest.mark.parametrize("name,option", [("auon", "ns_steps"), ("hyperp", "adjust_lr"),
+                                         ("muonpp", "adjust_lr")])
+def test_inherited_but_unused_options_are_refused(name, option):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    value = {"ns_steps": 3, "adjust_lr": "match_rms_adamw"}[option]
+    with pytest.raises(ValueError, match=f"does not use '{option}'"):
+        build_optimizer(model, name, **{option: value})
+    cls = type(build_optimizer(model, name))
+    with pytest.raises(ValueError, match=f"does not use '{option}'"):  # the class itself too
+        cls(param_groups(model), **{option: value})
+    assert option not in optimizers.optimizer_defaults(name)
+
+
+def test_every_listed_option_is_accepted_by_its_optimizer():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    for name in optimizers.OPTIMIZERS:
+        options = {k: v for k, v in optimizers.optimizer_defaults(name).items() if k != "lr"}
+        opt = build_optimizer(model, name, **{k: v for k, v in options.items() if k != "weight_decay"})
+        assert isinstance(opt, torch.optim.Optimizer)
+
+
+def test_muonpp_says_when_it_replaces_the_hidden_weight_decay():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"1/spectral_target = 0.5.*replacing \[0.1\]"):
+        opt = build_optimizer(model, "muonpp", weight_decay=0.1, spectral_target=2.0)
+    decays = {g["kind"]: g["weight_decay"] for g in opt.param_groups}
+    assert decays["hidden"] == 0.5 and decays["head"] == 0.1
+    opt = build_optimizer(model, "muonpp", weight_decay=0.1, spectral_target=None)
+    assert {g["kind"]: g["weight_decay"] for g in opt.param_groups}["hidden"] == 0.1
+
+
+def test_a_registered_class_gets_a_record_with_its_options():
+    class Toy(torch.optim.SGD):
+        def __init__(self, params, lr=0.3, flavour: str = "plain"):
+            super().__init__(params, lr=lr)
+    optimizers.register("toy_record_test", Toy, description="a toy")
+    try:
+        rec = optimizers.OPTIMIZERS["toy_record_test"]
+        assert rec.optimizer_class is Toy and rec.default_lr() == 0.3
+        assert optimizers.optimizer_defaults("toy_record_test") == {"lr": 0.3, "weight_decay": 0.0,
+                                                                    "flavour": "plain"}
+        with pytest.raises(ValueError, match=r"accepts \['flavour'\]"):
+            build_optimizer(nn.Linear(2, 2), "toy_record_test", flavor="x")
+    finally:
+        del optimizers.OPTIMIZERS["toy_record_test"]
 
 
 def test_build_optimizer_accepts_groups_and_plain_params():

@@ -74,8 +74,26 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-class CheckpointNotFound(FileNotFoundError):
+class UsageError(ValueError):
+    """A config the CLI refuses before building anything: the message, not a traceback."""
+
+
+class CheckpointNotFound(UsageError):
     """``--ckpt_path last`` named no checkpoint where one is required (validate/test/predict)."""
+
+
+def check_optimizer_config(cfg) -> None:
+    """A misspelt or unused optimizer option fails while the config is read, before any class
+    is built or a run folder made, naming the options the optimizer accepts."""
+    import optimizers
+    model = cfg.get("model")
+    args = model.get("init_args") if isinstance(model, Namespace) else None
+    if not isinstance(args, Namespace) or "optimizer" not in args:
+        return
+    try:
+        optimizers.check_optimizer_options(args.optimizer, dict(args.get("optimizer_kwargs") or {}))
+    except ValueError as e:
+        raise UsageError(f"model.init_args: {e}") from e
 
 
 class ToolkitCLI(LightningCLI):
@@ -100,6 +118,7 @@ class ToolkitCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        check_optimizer_config(cfg)
         if self.print_applied:
             self._print_applied_config(cfg)
         self._resume_version = None
@@ -128,16 +147,16 @@ class ToolkitCLI(LightningCLI):
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             super()._run_subcommand(subcommand)
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
-        config = dict(config)
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        config = {**dict(cfg.get("trainer") or {}), **kwargs}
         if config.get("logger") in (None, True):
-            config["logger"] = TensorBoardLogger(self.runs_root, name=self.run_name,
+            kwargs["logger"] = TensorBoardLogger(self.runs_root, name=self.run_name,
                                                  version=self._resume_version,
                                                  default_hp_metric=False)
-        config["callbacks"] = default_callbacks(config, list(config.get("callbacks") or []) + callbacks)
-        config["callbacks"] = [c for c in config["callbacks"] if c not in callbacks]
-        config["plugins"] = default_plugins(config.get("plugins"))
-        return super()._instantiate_trainer(config, callbacks)
+        kwargs["callbacks"] = default_callbacks(config, list(config.get("callbacks") or []))
+        kwargs["plugins"] = default_plugins(config.get("plugins"))
+        return super().instantiate_trainer(**kwargs)
 
 
 def _default_specs(trainer_kwargs: dict[str, Any], have) -> list[tuple[type, dict[str, Any]]]:
@@ -199,6 +218,6 @@ def main(argv: list[str] | None = None) -> None:
                    subclass_mode_data=True, seed_everything_default=0, args=argv,
                    save_config_kwargs={"overwrite": True}, run_name=_config_name(args),
                    parser_kwargs={"description": HELP}, print_applied=print_applied)
-    except CheckpointNotFound as e:  # a usage error: the message, not a traceback
+    except UsageError as e:  # the message, not a traceback
         print(f"toolkit: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from e

@@ -17,6 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from toolkit.lightning_internals import wrap_train_dataloader
+
 from . import accounting
 from .budget import Ledger
 from .errors import PrivacyError
@@ -108,14 +110,14 @@ class DPSGD(L.Callback):
         check_callbacks(trainer.callbacks)
         self._run_seed = trainer.strategy.broadcast(
             self.seed if self.seed is not None else fresh_seed(), src=0)
-        source = trainer.fit_loop._data_source  # Lightning has no public hook for this
-        if not getattr(source, "_dp_wrapped", False):
-            make = source.dataloader
-            source.dataloader = lambda: self._private_loader(trainer, make())
-            source._dp_wrapped = True
+        self._trainer = trainer
+        wrap_train_dataloader(trainer, self._wrap)
         if self.hide_training_metrics and "log" not in vars(pl_module):
             pl_module.log = without_training_metrics(pl_module)
             self._patched.add("log")
+
+    def _wrap(self, loader):
+        return self._private_loader(self._trainer, loader)
 
     def _private_loader(self, trainer, loader):
         self.data = private_loader(loader, self.sampling, trainer.world_size, trainer.global_rank,

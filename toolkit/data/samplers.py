@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..lightning_internals import batches_processed
+
 
 class ResumableSampler(DistributedSampler):
     """Epoch permutation from ``seed + epoch``; global batch g = perm[g*B*W:(g+1)*B*W],
@@ -75,11 +77,10 @@ def trainer_position(module) -> tuple[int, int, int, int]:
     """(world_size, rank, batches done this epoch, batches done in total) of the
     module's trainer; zeros and world 1 when no trainer is attached.
 
-    Counts ``processed`` batches: a checkpoint written in ``on_train_batch_end`` holds
-    ``completed = processed - 1`` and Lightning only bumps it after the loaders exist.
+    Counts ``processed`` batches (see :func:`toolkit.lightning_internals.batches_processed`).
     """
     trainer = getattr(module, "trainer", None)
     if trainer is None:
         return 1, 0, 0, 0
-    progress = trainer.fit_loop.epoch_loop.batch_progress
-    return trainer.world_size, trainer.global_rank, progress.current.processed, progress.total.processed
+    in_epoch, total = batches_processed(trainer)
+    return trainer.world_size, trainer.global_rank, in_epoch, total

@@ -65,9 +65,7 @@ class TrainModule(L.LightningModule):
                  optimizer_kwargs: dict[str, Any] | None = None, warmup_steps: int = 0,
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
         super().__init__()
-        if optimizer not in optimizers.OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; registered: "
-                             f"{sorted(optimizers.OPTIMIZERS)}")
+        optimizers.check_optimizer_options(optimizer, optimizer_kwargs or {})
 
     def configure_optimizers(self):
         hp = self.hparams
