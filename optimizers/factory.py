@@ -24,9 +24,10 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
 if hasattr(nn, "RMSNorm"):
     _NORMS = _NORMS + (nn.RMSNorm,)
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
-# Output layers by conventional attribute name; Muon and muP treat them apart from
-# hidden matrices (they map to a vocabulary / label space, not a hidden space).
-HEAD_NAMES = ("lm_head", "head", "classifier", "output_layer", "fc_out")
+# Output layers by conventional attribute name (the toolkit's, timm's and Hugging Face's: BERT's
+# MLM ``decoder``, sequence-classification ``score``); Muon and muP treat them apart from hidden
+# matrices (they map to a vocabulary / label space, not a hidden space), and monitors skip them.
+HEAD_NAMES = ("lm_head", "head", "classifier", "output_layer", "fc_out", "decoder", "score")
 KINDS = ("hidden", "head", "embedding", "gain", "bias")
 
 
@@ -38,7 +39,9 @@ def _head_modules(model: nn.Module, head_names: Iterable[str] | None) -> set[str
             raise ValueError(f"head_names {missing} are not modules of {type(model).__name__}; "
                              f"choose from {sorted(n for n in names if n)[:20]}...")
         return set(head_names)
-    found = {n for n in names if n.split(".")[-1] in HEAD_NAMES}
+    # a layer, not a container (an autoencoder's ``decoder`` stack is not an output layer)
+    found = {n for n, m in names.items() if n.split(".")[-1] in HEAD_NAMES
+             and next(m.parameters(recurse=False), None) is not None}
     if found:
         return found
     # No conventional name: the last Linear layer registered is the output layer in

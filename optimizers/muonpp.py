@@ -28,14 +28,7 @@ from torch import nn
 from .factory import classify_parameters
 from .muon import Muon, refuse_unused
 from .registry import register
-from .orientation import fans, transposed_names
-
-
-def spectral_scale(shape: torch.Size, transposed: bool = False) -> float:
-    """``sqrt(fan_out / fan_in)`` of a (fan_out, fan_in, ...) weight, or of a (fan_in, fan_out)
-    one with ``transposed`` (HF ``Conv1D``)."""
-    fan_out, fan_in = fans(shape, transposed)
-    return math.sqrt(fan_out / fan_in)
+from .orientation import spectral_scale, transposed_names
 
 
 @torch.no_grad()

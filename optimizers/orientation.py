@@ -47,6 +47,14 @@ def fans(shape: Sequence[int], transposed: bool = False) -> tuple[int, int]:
     return int(shape[0]), math.prod(int(s) for s in shape[1:])
 
 
+def spectral_scale(shape: Sequence[int], transposed: bool = False) -> float:
+    """The muP spectral scale ``sqrt(fan_out / fan_in)`` of a (fan_out, fan_in, *kernel) weight, or
+    of a (fan_in, fan_out) one with ``transposed`` (HF ``Conv1D``: the scale belongs to the
+    layer's map, not the storage); Yang, Simon & Bernstein 2023, Condition 1."""
+    fan_out, fan_in = fans(shape, transposed)
+    return math.sqrt(fan_out / fan_in)
+
+
 def transposed_names(model: nn.Module) -> set[str]:
     """Full names of the parameters of ``model`` stored ``(fan_in, fan_out)``; a parameter
     shared with a non-transposed module (a tied weight) is not listed."""

@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
-from .mixing import _seed_for, global_seed
+from toolkit.seeding import generator, global_seed
 from .noise import add_langevin_noise_
 
 
@@ -40,7 +40,7 @@ class LangevinNoise(L.Callback):
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         device = next(p.device for g in optimizer.param_groups for p in g["params"])
-        gen = torch.Generator(device=device).manual_seed(_seed_for(self._seed, self.steps))
+        gen = generator(self._seed, self.steps, device=device)
         add_langevin_noise_(optimizer.param_groups, self.temperature, gen)
         self.steps += 1
 

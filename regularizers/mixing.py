@@ -9,30 +9,18 @@ callbacks in one Trainer are refused at fit start. The module's loss must accept
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Any
 
 import lightning as L
 import torch
+
+from toolkit.seeding import generator, global_seed
 
 from .batch_transforms import BatchTransform
 from .kmixup import kmixup_batch
 
 X_KEYS = ("x", "image", "images", "input", "inputs", "pixel_values")
 Y_KEYS = ("y", "label", "labels", "target", "targets")
-
-
-def _seed_for(*parts: int) -> int:
-    """A well-spread 63-bit seed from integers (seed, rank, counter): nearby counters give
-    unrelated streams, and the stream needs no saved generator state to resume."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 1
-
-
-def global_seed(seed: int | None) -> int:
-    """``seed`` or, when None, the one ``seed_everything`` (the CLI's ``seed_everything``) set."""
-    return int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 class KMixup(BatchTransform):
@@ -136,7 +124,7 @@ class KMixup(BatchTransform):
 
     def generator(self) -> torch.Generator:
         """The generator of the next batch: a pure function of (seed, rank, batches mixed)."""
-        return torch.Generator().manual_seed(_seed_for(self._seed, self._rank, self.batches_mixed))
+        return generator(self._seed, self._rank, self.batches_mixed)
 
     def mix_batch(self, batch, pl_module=None):
         x, y, rebuild = self._split(batch)

@@ -8,7 +8,8 @@ import optimizers
 from optimizers import AuON, HybridAuON, HyperSphere, MuonPlusPlus, param_groups
 from optimizers.auon import auon_normalize
 from optimizers.hyperp import infer_depth
-from optimizers.muonpp import hidden_spectral_ratios, spectral_scale
+from optimizers.muonpp import hidden_spectral_ratios
+from optimizers.orientation import spectral_scale
 from optimizers.newton_schulz import orthogonalize
 from tests.test_optimizers_muon import tiny_gpt, train
 

@@ -47,8 +47,13 @@ def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, ste
     return float(sigma)
 
 
+# Steps searched per (sigma, q) segment: 2^20, more than any run here takes; a budget that
+# allows more is reported as this many (the run stops on max_steps/epochs first).
+MAX_STEPS_SEARCHED = 1 << 20
+
+
 def max_steps(ledger: Ledger, sigma: float, sample_rate: float, target_epsilon: float,
-              delta: float, accountant: str = "prv", upper: int = 1 << 20) -> int:
+              delta: float, accountant: str = "prv", upper: int = MAX_STEPS_SEARCHED) -> int:
     """Largest n such that the ledger plus n more steps stays within ``target_epsilon``."""
     def ok(n: int) -> bool:
         return epsilon(ledger + [(sigma, sample_rate, n)], delta, accountant) <= target_epsilon

@@ -12,8 +12,6 @@ import math
 
 from . import accounting
 
-UPPER = 1 << 20  # steps searched per (sigma, q): more than any run here takes
-
 
 class Ledger:
     def __init__(self, delta: float, accountant: str = "prv", target_epsilon: float | None = None):
@@ -42,7 +40,7 @@ class Ledger:
         if self._limit is None or self._limit[0] != (sigma, q):
             spent = [tuple(s) for s in self.segments]
             more = accounting.max_steps(spent, sigma, q, self.target, self.delta,
-                                        self.accountant, upper=UPPER)
+                                        self.accountant)
             self._limit = ((sigma, q), self.steps + more)
         if self.steps + 1 <= self._limit[1]:
             return True

@@ -13,11 +13,12 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
+from toolkit.seeding import generator
+
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A generator for one (seed, step, stream): independent draws per step."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7_919 + step * 2_654_435_761)
-                                         % (2 ** 63 - 1))
+    return generator(seed, stream, step)
 
 
 def fresh_seed() -> int:

@@ -8,10 +8,11 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..lightning_internals import batches_processed
+from ..seeding import generator
 
 
 class ResumableSampler(DistributedSampler):
-    """Epoch permutation from ``seed + epoch``; global batch g = perm[g*B*W:(g+1)*B*W],
+    """Epoch permutation from ``derive_seed(seed, epoch)``; global batch g = perm[g*B*W:(g+1)*B*W],
     rank r takes rows [r*B, (r+1)*B) of it. With ``world=1, batch=2B`` and ``world=2,
     batch=B`` the global batches are identical.
 
@@ -47,7 +48,7 @@ class ResumableSampler(DistributedSampler):
 
     def _indices(self, skip: int):
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = generator(self.seed, self.epoch)
             perm = torch.randperm(self.n, generator=g)
         else:
             perm = torch.arange(self.n)

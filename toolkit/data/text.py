@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .idx import DataError
+from ..seeding import generator
 from .samplers import ResumableSampler, trainer_position
 
 EMBEDDED = Path(__file__).with_name("tinyshakespeare.txt")
@@ -53,7 +54,7 @@ class BlockStream(IterableDataset):
         self.offsets = torch.arange(block_size + 1)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        g = generator(self.seed, step)
         starts = torch.randint(len(self.data) - self.T - 1, (self.B * self.world,), generator=g)
         starts = starts[self.rank * self.B:(self.rank + 1) * self.B]
         chunk = self.data[starts[:, None] + self.offsets]

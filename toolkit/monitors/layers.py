@@ -13,9 +13,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-# Output layers by attribute name: the optimizer factory's list, plus HF's MLM "decoder" and
-# "score" (the *ForSequenceClassification head of HF decoder models: GPT-2, Llama, Qwen ...).
-HEAD_NAMES = ("lm_head", "head", "classifier", "output_layer", "fc_out", "decoder", "score")
+from optimizers.factory import HEAD_NAMES
+
 # Sub-modules whose output is a branch added to the residual stream, tried in order.
 ATTN_BRANCHES = ("attn", "self_attn", "attention.output.dense", "attention")
 MLP_BRANCHES = ("mlp", "feed_forward", "ffn", "output.dense", "linear2")
@@ -117,9 +116,6 @@ class Hooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-
-    def __bool__(self) -> bool:
-        return bool(self.handles)
 
     def __enter__(self):
         return self

@@ -11,15 +11,14 @@ collective: every rank runs the monitor), so the numbers are those of one proces
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from optimizers import classify_parameters
-from optimizers.orientation import fans, transposed_names
+from optimizers.orientation import spectral_scale, transposed_names
 from optimizers.sharded import is_dtensor
 
+from ..seeding import generator
 from .base import StepMonitor, log_metrics
 
 
@@ -51,14 +50,6 @@ def power_iteration(W: torch.Tensor, v: torch.Tensor | None = None, iters: int =
     return sigma, v
 
 
-def spectral_scale(W: torch.Tensor, transposed: bool = False) -> float:
-    """sqrt(fan_out / fan_in) of a (fan_out, fan_in, *kernel) weight, or of a (fan_in, fan_out)
-    one with ``transposed`` (HF ``Conv1D``: the scale belongs to the layer's map, not the
-    storage)."""
-    fan_out, fan_in = fans(W.shape, transposed)
-    return math.sqrt(fan_out / fan_in)
-
-
 class SpectralMonitor(StepMonitor):
     """Logs ``spectral/W/<param>`` = ||W||_2 / sqrt(fan_out/fan_in) and ``spectral/dW/<param>``
     (the update since the last logging step) for every hidden matrix (the optimizer
@@ -74,7 +65,7 @@ class SpectralMonitor(StepMonitor):
 
     def _vector(self, key: str, M: torch.Tensor) -> torch.Tensor:
         if key not in self.vectors:
-            g = torch.Generator().manual_seed(self.seed + len(self.vectors))
+            g = generator(self.seed, len(self.vectors))
             self.vectors[key] = torch.randn(M[0].numel(), generator=g)
         return self.vectors[key]
 
@@ -84,7 +75,7 @@ class SpectralMonitor(StepMonitor):
         flipped = transposed_names(model)
         for name, p in classify_parameters(model)["hidden"]:
             W = p.detach().full_tensor() if is_dtensor(p) else p.detach()  # FSDP2: gather
-            scale = spectral_scale(W, name in flipped)
+            scale = spectral_scale(W.shape, name in flipped)
             sigma, self.vectors[name] = power_iteration(W, self._vector(name, W), self.iters)
             out[f"W/{name}"] = sigma / scale
             if name in self.previous:

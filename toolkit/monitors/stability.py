@@ -34,7 +34,12 @@ def softmax_z(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.T
     return lse[torch.isfinite(lse)].square().mean()  # rows attending nothing (padding) drop out
 
 
-def outlier_share(h: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+# An entry is an outlier beyond 5 standard deviations of its token's hidden vector (5 sigma:
+# ~6e-7 of Gaussian entries, so a non-zero share means heavy tails, not noise).
+OUTLIER_K = 5.0
+
+
+def outlier_share(h: torch.Tensor, k: float = OUTLIER_K) -> torch.Tensor:
     """Share of entries with |x - mean| > k * std, mean and std over the last (hidden) dim
     of each token. Constant vectors have std 0 and no outliers."""
     dev = h.float() - h.float().mean(-1, keepdim=True)
@@ -51,7 +56,7 @@ def rms(x: torch.Tensor) -> torch.Tensor:
 class StabilityProbe:
     """Hooks measuring the HyperP indicators per block during one forward."""
 
-    def __init__(self, model: nn.Module, layers: list[Layer], outlier_k: float = 5.0):
+    def __init__(self, model: nn.Module, layers: list[Layer], outlier_k: float = OUTLIER_K):
         self.layers, self.outlier_k = layers, outlier_k
         self.attn_mods, self.branches = [], []
         for layer in layers:
@@ -116,7 +121,7 @@ class StabilityProbe:
 
 @torch.no_grad()
 def stability_indicators(model: nn.Module, batch, layers: str | Sequence[str] = "auto",
-                         outlier_k: float = 5.0) -> dict[str, float]:
+                         outlier_k: float = OUTLIER_K) -> dict[str, float]:
     """The HyperP indicators for one forward of ``batch`` (model in its current mode)."""
     probe = StabilityProbe(model, resolve_layers(model, layers), outlier_k)
     with Hooks() as hooks:
@@ -131,7 +136,7 @@ class StabilityMonitor(StepMonitor):
     step; no hooks exist in between."""
 
     def __init__(self, every_n_steps: int = 50, layers: str | list[str] = "auto",
-                 outlier_k: float = 5.0):
+                 outlier_k: float = OUTLIER_K):
         super().__init__(every_n_steps)
         self.layers_arg, self.outlier_k = layers, outlier_k
         self.last: dict[str, float] = {}
