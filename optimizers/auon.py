@@ -70,7 +70,7 @@ class HybridAuON(Muon):
 
 
 register("auon", AuON, lr=0.1,
-         description="AuON (Maity 2025): linear-time normalized momentum, no Newton-Schulz; lr ~5x "
-                     "Muon's (0.1 best in 1500-step LM sweeps)")
+         description="AuON (Maity 2025): linear-time normalized momentum, no Newton-Schulz; its unit-Frobenius "
+                     "update wants an lr ~5x Muon's")
 register("hybrid_auon", HybridAuON, lr=0.1,
          description="Hybrid-AuON: one Newton-Schulz step, then AuON normalization; lr as AuON")

@@ -20,9 +20,8 @@ retraction undoes any rescaling, so it is an exact no-op here (the paper's first
 statement, exact for this update); it is still applied, so the claim is tested, not assumed.
 Depth: with depth-muP residual branches (``GPTConfig.depth_mup``, 1/sqrt(2L)), the hidden
 lr is ``lr * sqrt(base_depth / depth)`` when ``base_depth`` is given (``depth`` defaults to
-the number of distinct ``blocks.<i>.`` in the group's ``param_names``). On the char GPT
-(width 64, depths 2-8) the residual scaling alone kept the optimal effective lr in place and
-this rule over-corrected by about 2x (``docs/figures/width_sweeps.md``); it is opt-in.
+the number of distinct ``blocks.<i>.`` in the group's ``param_names``); it is opt-in
+(``recipes/hyperp_lm.yaml`` records how it fared against the residual scaling alone).
 Non-matrix groups get Muon's internal AdamW.
 """
 from __future__ import annotations
@@ -50,9 +49,8 @@ class HyperSphere(Muon):
     depth-muP rule ``lr * sqrt(base_depth/depth)``) and ``depth`` (target depth; inferred
     from ``param_names`` when omitted), ``radius_scale`` (``None``: keep each matrix's
     initial norm; ``c``: put it on the muP sphere of radius ``c * sqrt(fan_out)`` at its
-    first step; ``c = 1``, the muP init's norm, is where the lr transferred over widths
-    32-256 and trained best in ``docs/figures/width_sweeps.md``). ``adjust_lr`` is unused:
-    the step is relative.
+    first step; ``c = 1`` is the muP init's norm, the radius ``recipes/hyperp_lm.yaml`` uses).
+    ``adjust_lr`` is refused: the step is relative.
     """
 
     refused_options = {"adjust_lr": "HyperSphere's step is relative to ||W||_F (lr is the relative "

@@ -84,6 +84,8 @@ def main(argv=None) -> int:
                     metavar="KEY=VALUE", help="config override for every run, e.g. trainer.max_epochs=5")
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--record", action="store_true", help="write each recipe's mean/std test "
+                    "accuracy and loss to docs/results/<recipe>.json, README and its header")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -105,6 +107,14 @@ def main(argv=None) -> int:
     print(table)
     (out / "summary.md").write_text(f"overrides: {args.overrides}\n\n{table}\n")
     plot(results, args.recipes, out / "compare.png")
+    if args.record:
+        from scripts.results import record
+        for name, runs in results.items():
+            acc = [100 * r["test_acc"] for r in runs.values()]
+            loss = [r["test_loss"] for r in runs.values()]
+            record(name, {"acc_mean": round(statistics.mean(acc), 2),
+                          "acc_std": round(statistics.stdev(acc), 2) if len(acc) > 1 else 0.0,
+                          "test_loss": round(statistics.mean(loss), 3)})
     print(f"wrote {path}, {out / 'summary.md'}, {out / 'compare.png'}")
     return 0
 

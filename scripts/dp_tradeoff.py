@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's max_epochs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/dp_tradeoff")
+    ap.add_argument("--record", action="store_true", help="write the figures to "
+                    "docs/results/<recipe>.json (dp_lm, dpsgd_mnist), README and the header")
     args = ap.parse_args(argv)
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     out = Path(args.out)
@@ -122,7 +124,29 @@ def main(argv=None) -> int:
     (out / "tradeoff.md").write_text(table + "\n")
     print(table)
     plot(rows, out / "tradeoff.png")
+    if args.record:
+        record_rows(Path(args.recipe).stem, rows)
     return 0
+
+
+def record_rows(recipe: str, rows: list[dict]) -> None:
+    """The numbers the recipe's header and README row quote, from this sweep's rows."""
+    from scripts.results import record
+    by_target = {r["target_epsilon"]: r for r in rows if math.isfinite(r["epsilon"])}
+    if recipe == "dp_lm":
+        values = {f"eps{t:g}_val": round(r["val_loss"], 3) for t, r in by_target.items()}
+        if 8 in by_target:
+            values["eps8_spent"] = round(by_target[8]["epsilon"], 3)
+        values.update({"non_private_val": round(r["val_loss"], 3) for r in rows
+                       if not math.isfinite(r["epsilon"])})
+    elif recipe == "dpsgd_mnist" and 3 in by_target:
+        r = by_target[3]
+        values = {"test_acc": round(100 * r["test_acc"], 2), "epsilon": round(r["epsilon"], 2),
+                  "wall_s": round(r["train_s"])}
+    else:
+        print(f"--record: no results layout for {recipe}; nothing recorded")
+        return
+    record(recipe, values)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,23 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def recorded_values(results: dict) -> dict:
+    """The recipe header's numbers (docs/results/ghosts_lr_spike.json) from the runs."""
+    def acc(arm):
+        a = [100 * r["test_acc"] for r in results[arm].values()]
+        return round(statistics.mean(a), 2), round(statistics.stdev(a), 2) if len(a) > 1 else 0.0
+    out = {}
+    for key, arm in (("no_spike", "no-spike"), ("control", "spike+control"), ("none", "spike"),
+                     ("clip", "spike+clip")):
+        if arm in results:
+            out[key], out[f"{key}_std"] = acc(arm)
+    if "spike+control" in results:
+        runs = results["spike+control"].values()
+        out["steps_scaled"] = round(statistics.mean(sum(t["scale"] < 1 for t in r["trace"])
+                                                    for r in runs), 1)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipe")
@@ -146,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     ap.add_argument("--out", default="runs/ghosts_lr_spike")
+    ap.add_argument("--record", action="store_true",
+                    help="write the figures to docs/results/ghosts_lr_spike.json, README, header")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +185,9 @@ def main(argv=None) -> int:
     print(tab)
     (out / "table.md").write_text(tab + "\n")
     plot(results, out / "ghosts_lr_spike.png")
+    if args.record:
+        from scripts.results import record
+        record("ghosts_lr_spike", recorded_values(results))
     return 0
 
 

@@ -1,0 +1,140 @@
+"""Measured numbers have one source: ``docs/results/<recipe>.json``.
+
+Each file holds ``values`` (the numbers a script measured), ``command`` (how to reproduce them)
+and two templates over the values: ``summary`` (the recipe's row in the README table) and
+``measured`` (the "Measured:" sentence closing the recipe's header). This script renders both
+into README.md and recipes/*.yaml; ``--check`` exits 1 where a file disagrees with its JSON (the
+test suite runs it). Scripts that measure call :func:`record` to update the values.
+
+    python -m scripts.results           # rewrite README table and recipe headers
+    python -m scripts.results --check   # list what disagrees, exit 1 if anything does
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+RECIPES = ROOT / "recipes"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- recipe-table:begin (python -m scripts.results) -->", "<!-- recipe-table:end -->"
+WIDTH = 110
+# README table order: the toolkit first, then the papers family by family; others follow by name
+ORDER = ["quickstart", "mnist_cnn", "muon_lm", "hyperp_lm", "muonpp_lm", "auon_lm", "erm_mnist",
+         "mixup_mnist", "kmixup_mnist", "ghosts_lr_spike", "langevin_mnist", "dpsgd_mnist",
+         "dp_lm", "massive_activations_lm", "hf_llama_muon", "minilm_speakers"]
+
+
+def load(recipe: str) -> dict[str, Any]:
+    return json.loads((RESULTS / f"{recipe}.json").read_text())
+
+
+def recipe_results() -> dict[str, dict[str, Any]]:
+    """Every results file that belongs to a recipe (bench results carry no ``recipe``)."""
+    out = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "recipe" in data:
+            if data["recipe"] != path.stem:
+                raise ValueError(f"{path} says recipe {data['recipe']!r}; name it "
+                                 f"{data['recipe']}.json")
+            out[path.stem] = data
+    return out
+
+
+def render(data: dict[str, Any], key: str) -> str:
+    try:
+        return data[key].format(**data["values"])
+    except KeyError as e:
+        raise KeyError(f"docs/results/{data['recipe']}.json: {key!r} uses {e}, which is not "
+                       f"among its values {sorted(data['values'])}") from e
+
+
+def header_block(data: dict[str, Any]) -> list[str]:
+    """The generated closing lines of a recipe header."""
+    lines = textwrap.wrap(f"Measured (docs/results/{data['recipe']}.json): {render(data, 'measured')}",
+                          WIDTH - 2, subsequent_indent="  ", break_on_hyphens=False)
+    lines += textwrap.wrap(f"Reproduce: {data['command']}", WIDTH - 2, subsequent_indent="  ",
+                           break_on_hyphens=False, break_long_words=False)
+    return [f"# {line}" for line in lines]
+
+
+def with_header(text: str, data: dict[str, Any]) -> str:
+    """``text`` (a recipe) with its header's generated block replaced: everything from the
+    first ``# Measured (`` line to the end of the leading comment block."""
+    lines = text.splitlines()
+    end = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    start = next((i for i in range(end) if lines[i].startswith("# Measured (")), end)
+    return "\n".join(lines[:start] + header_block(data) + lines[end:]) + "\n"
+
+
+def readme_table(results: dict[str, dict[str, Any]]) -> str:
+    names = [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER))
+    rows = ["| recipe | what it shows (measured; docs/results/<recipe>.json) |", "| --- | --- |"]
+    rows += [f"| `{n}` | {render(results[n], 'summary')} |" for n in names]
+    return "\n".join(rows)
+
+
+def with_table(text: str, table: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"README.md lacks the markers {BEGIN} ... {END}")
+    head, rest = text.split(BEGIN, 1)
+    return head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1]
+
+
+def expected_files() -> dict[Path, str]:
+    """Every file this script writes, with the content its JSON implies."""
+    results = recipe_results()
+    out = {README: with_table(README.read_text(), readme_table(results))}
+    for name, data in results.items():
+        path = RECIPES / f"{name}.yaml"
+        if not path.exists():
+            raise FileNotFoundError(f"docs/results/{name}.json has no recipes/{name}.yaml")
+        out[path] = with_header(path.read_text(), data)
+    return out
+
+
+def stale() -> list[Path]:
+    return [p for p, text in expected_files().items() if p.read_text() != text]
+
+
+def record(recipe: str, values: dict[str, Any], command: str | None = None) -> None:
+    """Update a recipe's measured values (templates kept), then rewrite README and header."""
+    path = RESULTS / f"{recipe}.json"
+    data = json.loads(path.read_text()) if path.exists() else {
+        "recipe": recipe, "summary": "", "measured": "", "values": {}}
+    data["values"].update(values)
+    if command is not None:
+        data["command"] = command
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    if data.get("summary") and data.get("measured"):
+        write()
+
+
+def write() -> None:
+    for path, text in expected_files().items():
+        if path.read_text() != text:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="only report files that disagree")
+    args = ap.parse_args(argv)
+    if args.check:
+        bad = stale()
+        for p in bad:
+            print(f"{p.relative_to(ROOT)} disagrees with docs/results; run python -m scripts.results")
+        return 1 if bad else 0
+    write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
