@@ -1,10 +1,11 @@
-"""Regularizers: pure functional cores plus thin Lightning callbacks."""
+"""Regularizers and step controls. Each method is a subpackage named after it: a pure functional
+core (``core.py``, or several modules for DP-SGD) and a thin Lightning callback (``callback.py``).
+Shared pieces: ``batch_transforms`` (callbacks that rewrite training batches) and ``step_hooks``
+(callbacks acting around ``optimizer.step()``)."""
 from .dp import DPSGD
-from .kmixup import assignment, kmixup_batch, kmixup_partners, mixup_batch, pairwise_cost
+from .kmixup import KMixup, Mixup, assignment, kmixup_batch, kmixup_partners, mixup_batch, pairwise_cost
 from .batch_transforms import BatchTransform
-from .langevin import IterateAveraging, LangevinNoise
-from .mixing import KMixup, Mixup
-from .noise import add_langevin_noise_
+from .langevin import IterateAveraging, LangevinNoise, add_langevin_noise_
 from .lr_spike import LRSpike
 from .softmax_radius import directional_logits, logit_spread, softmax_radius
 from .step_control import RadiusControl

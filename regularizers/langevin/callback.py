@@ -1,4 +1,4 @@
-"""``LangevinNoise``: a callback adding Langevin noise after every optimizer step (noise.py)."""
+"""``LangevinNoise``: a callback adding Langevin noise after every optimizer step (core.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,10 +8,11 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
 from toolkit.seeding import generator, global_seed
-from .noise import add_langevin_noise_
+from ..step_hooks import StepHookCallback
+from .core import add_langevin_noise_
 
 
-class LangevinNoise(L.Callback):
+class LangevinNoise(StepHookCallback):
     """After each optimizer step add sqrt(2 * lr * T) * xi to the parameters, with the lr each
     param group had for that step (a post-step hook on the optimizer, so it holds for any
     optimizer, lr schedule and for manual optimization; steps skipped by AMP add no noise).
@@ -31,35 +32,19 @@ class LangevinNoise(L.Callback):
         super().__init__()
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0")
-        self.temperature, self.seed, self.steps = temperature, seed, 0
-        self._handles: list = []
+        self.temperature, self.seed = temperature, seed
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._seed = global_seed(self.seed)
-        self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+        super().on_fit_start(trainer, pl_module)
 
-    def _after_step(self, optimizer, args, kwargs) -> None:
+    def after_step(self, optimizer) -> None:
         device = next(p.device for g in optimizer.param_groups for p in g["params"])
         gen = generator(self._seed, self.steps, device=device)
         add_langevin_noise_(optimizer.param_groups, self.temperature, gen)
-        self.steps += 1
-
-    def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._remove()
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._remove()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "temperature": self.temperature}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.steps = state_dict["steps"]
+        return {**super().state_dict(), "temperature": self.temperature}
 
 
 class IterateAveraging(WeightAveraging):

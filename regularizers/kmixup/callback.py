@@ -1,4 +1,4 @@
-"""Lightning callbacks that mix training batches with k-mixup or mixup (see kmixup.py).
+"""Lightning callbacks that mix training batches with k-mixup or mixup (the pure core: core.py).
 
 They work on any LightningModule, including one written without them: at fit start they
 register with the module's one batch-transform wrapper (batch_transforms.py), so
@@ -16,8 +16,8 @@ import torch
 
 from toolkit.seeding import generator, global_seed
 
-from .batch_transforms import BatchTransform
-from .kmixup import kmixup_batch
+from ..batch_transforms import BatchTransform
+from .core import kmixup_batch
 
 X_KEYS = ("x", "image", "images", "input", "inputs", "pixel_values")
 Y_KEYS = ("y", "label", "labels", "target", "targets")
