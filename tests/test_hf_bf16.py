@@ -25,13 +25,13 @@ def test_matrix_optimizer_under_bf16_mixed_keeps_fp32_state(arch, name):
     x = ids(8, 16)
     model = HFCausalLM(config=ARCHS[arch], vocab_size=V, optimizer=name, lr=LR.get(name, 0.02),
                        optimizer_kwargs={"adam_lr": 1e-2}, lr_decay="constant")
-    before = model._loss((x[:, :-1], x[:, 1:]))[0].item()
+    before = model.lm_loss((x[:, :-1], x[:, 1:]))[0].item()
     fit(model, [(r[:-1], r[1:]) for r in x], 20)
     opt = model.trainer.optimizers[0]
     dtypes = {t.dtype for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
     assert dtypes == {torch.float32}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    after = model._loss((x[:, :-1], x[:, 1:]))[0].item()
+    after = model.lm_loss((x[:, :-1], x[:, 1:]))[0].item()
     assert after < 0.8 * before
 
 

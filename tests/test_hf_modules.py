@@ -43,10 +43,10 @@ def test_tuple_loss_equals_hf_shifted_loss():
     torch.manual_seed(0)
     model = HFCausalLM(config=GPT2, vocab_size=65).eval()
     chunk = torch.randint(0, 65, (3, 17))
-    ours = model._loss((chunk[:, :-1], chunk[:, 1:]))[0]
+    ours = model.lm_loss((chunk[:, :-1], chunk[:, 1:]))[0]
     theirs = model.model(input_ids=chunk, labels=chunk).loss
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
-    assert model._loss({"input_ids": chunk, "labels": chunk})[0].item() == pytest.approx(theirs.item())
+    assert model.lm_loss({"input_ids": chunk, "labels": chunk})[0].item() == pytest.approx(theirs.item())
 
 
 def test_pretrained_directory_and_checkpoint_rebuild_the_same_model(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .idx import GET_DATA, DataError, find_split, read_idx
-from .samplers import ResumableLoader, ResumableSampler, trainer_position
+from .samplers import resumable_loader
 
 
 def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -95,11 +95,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         hp = self.hparams
-        world, rank, done_in_epoch, _ = trainer_position(self)
-        sampler = ResumableSampler(len(self.train_set), hp.batch_size, world, rank, hp.seed,
-                                   skip_batches=done_in_epoch)
-        return ResumableLoader(self.train_set, batch_size=hp.batch_size, sampler=sampler,
-                               drop_last=True, num_workers=hp.num_workers)
+        return resumable_loader(self, self.train_set, hp.batch_size, hp.seed, hp.num_workers)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.hparams.eval_batch_size,

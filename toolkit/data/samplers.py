@@ -85,3 +85,13 @@ def trainer_position(module) -> tuple[int, int, int, int]:
         return 1, 0, 0, 0
     in_epoch, total = batches_processed(trainer)
     return trainer.world_size, trainer.global_rank, in_epoch, total
+
+
+def resumable_loader(module, dataset, batch_size: int, seed: int, num_workers: int = 0
+                     ) -> ResumableLoader:
+    """The training loader every toolkit data module builds: a shuffled, sharded, drop-last
+    :class:`ResumableSampler` that skips the batches ``module``'s trainer already took this epoch."""
+    world, rank, in_epoch, _ = trainer_position(module)
+    sampler = ResumableSampler(len(dataset), batch_size, world, rank, seed, skip_batches=in_epoch)
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                           num_workers=num_workers)

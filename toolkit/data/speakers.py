@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .idx import DataError
-from .samplers import ResumableSampler, trainer_position
+from .samplers import resumable_loader
 from .text import load_text
 
 TURN = re.compile(r"(?m)^([A-Z][A-Za-z ]+):\n((?:.+\n)+)")
@@ -70,11 +70,7 @@ class SpeakerDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         hp = self.hparams
-        world, rank, in_epoch, _ = trainer_position(self)
-        sampler = ResumableSampler(len(self.train_set), hp.batch_size, world, rank, hp.seed,
-                                   skip_batches=in_epoch)
-        return DataLoader(self.train_set, batch_size=hp.batch_size, sampler=sampler,
-                          drop_last=True, num_workers=hp.num_workers)
+        return resumable_loader(self, self.train_set, hp.batch_size, hp.seed, hp.num_workers)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size,

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .idx import DataError
 from ..seeding import generator
-from .samplers import ResumableSampler, trainer_position
+from .samplers import resumable_loader, trainer_position
 
 EMBEDDED = Path(__file__).with_name("tinyshakespeare.txt")
 
@@ -159,13 +159,10 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         hp = self.hparams
-        world, rank, in_epoch, done = trainer_position(self)
         if hp.train_blocks == "disjoint":
-            blocks = DisjointBlocks(self.train_data, hp.block_size)
-            sampler = ResumableSampler(len(blocks), hp.batch_size, world, rank, hp.seed,
-                                       skip_batches=in_epoch)
-            return DataLoader(blocks, batch_size=hp.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=hp.num_workers)
+            return resumable_loader(self, DisjointBlocks(self.train_data, hp.block_size),
+                                    hp.batch_size, hp.seed, hp.num_workers)
+        world, rank, _, done = trainer_position(self)
         stream = BlockStream(self.train_data, hp.block_size, hp.batch_size, hp.seed, done, world, rank)
         return DataLoader(stream, batch_size=None, num_workers=0)
 

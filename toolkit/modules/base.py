@@ -57,6 +57,54 @@ def log_classification(module: L.LightningModule, logits: torch.Tensor, y: torch
     module.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=True, batch_size=n)
 
 
+class LMSteps:
+    """Training, validation and test steps of a next-token model (mixin before
+    :class:`TrainModule`): the module gives ``lm_loss(batch) -> (loss, examples)`` and
+    ``val_loss``/``test_loss`` MeanMetrics; perplexity is logged at each epoch's end."""
+
+    def _step(self, batch, metric, stage: str):
+        loss, n = self.lm_loss(batch)
+        log_lm_loss(self, loss, n, metric, stage)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, None, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, self.val_loss, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, self.test_loss, "test")
+
+    def on_validation_epoch_end(self):
+        # perplexity: exp of the mean token cross-entropy, from the same metric
+        self.log("val/ppl", torch.exp(self.val_loss.compute()))
+
+    def on_test_epoch_end(self):
+        self.log("test/ppl", torch.exp(self.test_loss.compute()))
+
+
+class ClassifierSteps:
+    """Training, validation and test steps of a classifier (mixin before :class:`TrainModule`):
+    the module gives ``classify(batch) -> (logits, targets)`` (index or soft targets) and
+    ``val_metrics``/``test_metrics`` ({"acc", "loss"})."""
+
+    def _step(self, batch, metrics, stage: str):
+        logits, y = self.classify(batch)
+        loss = cross_entropy(logits, y)
+        log_classification(self, logits, y, loss, metrics, stage)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, None, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, self.test_metrics, "test")
+
+
 class TrainModule(L.LightningModule):
     """Builds its optimizer with :func:`optimizers.build_optimizer` and a warmup+decay schedule.
     ``lr=None`` takes the optimizer's own registered default (``toolkit optimizers``)."""

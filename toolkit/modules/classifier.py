@@ -8,7 +8,7 @@ import torchmetrics
 from torch import nn
 
 from ..models import MLP, GNLinear, SmallCNN, TanhCNN
-from .base import TrainModule, cross_entropy, log_classification
+from .base import ClassifierSteps, TrainModule
 
 ARCHS = ("cnn", "mlp", "tanh_cnn", "gn_linear")
 
@@ -26,7 +26,7 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-class Classifier(TrainModule):
+class Classifier(ClassifierSteps, TrainModule):
     def __init__(self, arch: str = "cnn", num_classes: int = 10, in_channels: int = 1,
                  image_size: int = 28, width: int = 32, norm: str = "batch",
                  activation: str = "relu", hidden: list[int] | None = None,
@@ -66,18 +66,6 @@ class Classifier(TrainModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _step(self, batch, metrics: torchmetrics.MetricCollection | None, stage: str):
+    def classify(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = split_batch(batch)
-        logits = self(x)
-        loss = cross_entropy(logits, y)
-        log_classification(self, logits, y, loss, metrics, stage)
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, None, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, self.test_metrics, "test")
+        return self(x), y

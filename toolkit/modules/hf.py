@@ -16,7 +16,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from .base import TrainModule, cross_entropy, log_classification, log_lm_loss
+from .base import ClassifierSteps, LMSteps, TrainModule, cross_entropy
 
 TASKS = {"causal_lm": "AutoModelForCausalLM",
          "sequence_classification": "AutoModelForSequenceClassification"}
@@ -112,7 +112,7 @@ class _HFModule(TrainModule):
             self._build(vocab_size=hp.vocab_size, **self._overrides())
 
 
-class HFCausalLM(_HFModule):
+class HFCausalLM(LMSteps, _HFModule):
     """Next-token training of any ``AutoModelForCausalLM``. Batches are ``(x, y)`` token pairs
     (``TextDataModule``) or dicts of model inputs with ``labels`` (HF's shifted loss)."""
 
@@ -132,7 +132,7 @@ class HFCausalLM(_HFModule):
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.model(input_ids=input_ids, **kwargs).logits
 
-    def _loss(self, batch) -> tuple[torch.Tensor, int]:
+    def lm_loss(self, batch) -> tuple[torch.Tensor, int]:
         if isinstance(batch, dict):
             if "labels" not in batch:
                 raise KeyError(f"HFCausalLM: a dict batch needs 'labels' (keys: {sorted(batch)})")
@@ -140,28 +140,9 @@ class HFCausalLM(_HFModule):
         x, y = batch
         return cross_entropy(self(x), y), x.shape[0]
 
-    def _step(self, batch, metric: torchmetrics.MeanMetric | None, stage: str):
-        loss, n = self._loss(batch)
-        log_lm_loss(self, loss, n, metric, stage)
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, None, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, self.val_loss, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, self.test_loss, "test")
-
-    def on_validation_epoch_end(self):
-        self.log("val/ppl", torch.exp(self.val_loss.compute()))
-
-    def on_test_epoch_end(self):
-        self.log("test/ppl", torch.exp(self.test_loss.compute()))
 
 
-class HFClassifier(_HFModule):
+class HFClassifier(ClassifierSteps, _HFModule):
     """Sequence classification with any ``AutoModelForSequenceClassification``. Batches are
     ``(x, y)`` pairs or dicts (``input_ids``/``x`` and ``labels``/``y``, optional
     ``attention_mask``), ``y`` class indices or soft targets (mixup, k-mixup).
@@ -219,18 +200,6 @@ class HFClassifier(_HFModule):
             return x, y, batch.get("attention_mask")
         return batch[0], batch[1], None
 
-    def _step(self, batch, metrics: torchmetrics.MetricCollection | None, stage: str):
+    def classify(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, mask = self._split(batch)
-        logits = self(x, mask)
-        loss = cross_entropy(logits, y)
-        log_classification(self, logits, y, loss, metrics, stage)
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, None, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, self.test_metrics, "test")
+        return self(x, mask), y

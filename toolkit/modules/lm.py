@@ -8,10 +8,10 @@ import torchmetrics
 
 from ..models import GPT, GPTConfig
 from ..strategies import shard_blocks
-from .base import TrainModule, cross_entropy, log_lm_loss
+from .base import LMSteps, TrainModule, cross_entropy
 
 
-class LanguageModel(TrainModule):
+class LanguageModel(LMSteps, TrainModule):
     """GPT language model. ``vocab_size=None`` takes it from the data module at setup."""
 
     def __init__(self, vocab_size: int | None = None, block_size: int = 128, n_layer: int = 4,
@@ -56,30 +56,9 @@ class LanguageModel(TrainModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def _step(self, batch, metric: torchmetrics.MeanMetric | None, stage: str):
+    def lm_loss(self, batch) -> tuple[torch.Tensor, int]:
         x, y = batch
-        loss = cross_entropy(self(x), y)
-        log_lm_loss(self, loss, x.shape[0], metric, stage)
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, None, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, self.val_loss, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, self.test_loss, "test")
-
-    def _log_ppl(self, metric: torchmetrics.MeanMetric, stage: str) -> None:
-        # Perplexity is exp of the mean token cross-entropy; logged from the same metric.
-        self.log(f"{stage}/ppl", torch.exp(metric.compute()), sync_dist=False)
-
-    def on_validation_epoch_end(self):
-        self._log_ppl(self.val_loss, "val")
-
-    def on_test_epoch_end(self):
-        self._log_ppl(self.test_loss, "test")
+        return cross_entropy(self(x), y), x.shape[0]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
