@@ -137,7 +137,8 @@ def classify_parameters(model: nn.Module, head_names: Iterable[str] | None = Non
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             if isinstance(module, _EMBEDDINGS):
                 kind = "embedding"
-            elif isinstance(module, _NORMS) or p.ndim < 2:
+            elif (isinstance(module, _NORMS) or p.ndim < 2
+                  or p_name in getattr(module, "expert_biases", ())):
                 kind = "bias" if p_name.endswith("bias") else "gain"
             elif mod_name in heads:
                 kind = "head"

@@ -12,7 +12,13 @@ from .base import TrainModule, cross_entropy, log_lm_loss
 
 
 class LanguageModel(TrainModule):
-    """GPT language model. ``vocab_size=None`` takes it from the data module at setup."""
+    """GPT language model. ``vocab_size=None`` takes it from the data module at setup.
+
+    ``moe`` (a dict of :class:`toolkit.models.MoEConfig` fields) replaces every block's MLP by a
+    mixture of experts; training then minimizes ``cross-entropy + aux_loss_weight * aux`` (the
+    load-balancing loss summed over layers) and logs ``train/aux_loss``. Validation and test
+    losses stay the cross-entropy alone, comparable with a dense model's.
+    """
 
     def __init__(self, vocab_size: int | None = None, block_size: int = 128, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = False,
@@ -22,6 +28,7 @@ class LanguageModel(TrainModule):
                  compile: bool = False):
         super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
                          min_lr_ratio)
+        GPTConfig(n_head=n_head, n_embd=n_embd, moe=moe)  # bad moe settings fail here, named
         self.save_hyperparameters()
         self.model: GPT | None = None
         if vocab_size is not None:
@@ -34,7 +41,7 @@ class LanguageModel(TrainModule):
     def _build(self, vocab_size: int) -> None:
         hp = self.hparams
         self.model = GPT(GPTConfig(vocab_size, hp.block_size, hp.n_layer, hp.n_head, hp.n_embd,
-                                   hp.dropout, hp.bias, hp.depth_mup))
+                                   hp.dropout, hp.bias, hp.depth_mup, hp.get("moe")))
         if hp.compile:
             self.model.compile()
 
@@ -60,6 +67,12 @@ class LanguageModel(TrainModule):
         x, y = batch
         loss = cross_entropy(self(x), y)
         log_lm_loss(self, loss, x.shape[0], metric, stage)
+        aux = self.model.aux_loss()
+        if aux is not None and stage == "train":
+            self.log("train/aux_loss", aux.detach(), batch_size=x.shape[0])
+            weight = self.model.cfg.moe.aux_loss_weight
+            if weight:
+                loss = loss + weight * aux
         return loss
 
     def training_step(self, batch, batch_idx):
