@@ -26,7 +26,7 @@ from torch import nn
 
 from .factory import classify_parameters, register
 from .muon import Muon
-from .orientation import fans, transposed_names
+from .orientation import fans, stacked_names, transposed_names
 
 
 def spectral_scale(shape: torch.Size, transposed: bool = False) -> float:
@@ -37,12 +37,18 @@ def spectral_scale(shape: torch.Size, transposed: bool = False) -> float:
 
 
 @torch.no_grad()
-def spectral_ratios(named_params, transposed: set[str] = frozenset()) -> dict[str, float]:
+def spectral_ratios(named_params, transposed: set[str] = frozenset(),
+                    stacked: set[str] = frozenset()) -> dict[str, float]:
     """``||W||_2 / sqrt(fan_out/fan_in)`` of each matrix in ``(name, param)`` pairs; names in
-    ``transposed`` are stored (fan_in, fan_out)."""
+    ``transposed`` are stored (fan_in, fan_out); for names in ``stacked`` (expert stacks
+    (E, fan_out, fan_in)) the largest ratio over the experts."""
     out = {}
     for name, p in named_params:
         if p.ndim >= 2:
+            if name in stacked:
+                sigma = torch.linalg.matrix_norm(p.detach().float(), ord=2).max().item()
+                out[name] = sigma / math.sqrt(p.shape[1] / p.shape[2])
+                continue
             w = p.detach().float().reshape(p.shape[0], -1)
             out[name] = (torch.linalg.matrix_norm(w, ord=2).item()
                          / spectral_scale(p.shape, name in transposed))
@@ -50,7 +56,8 @@ def spectral_ratios(named_params, transposed: set[str] = frozenset()) -> dict[st
 
 
 def hidden_spectral_ratios(model: nn.Module) -> dict[str, float]:
-    return spectral_ratios(classify_parameters(model)["hidden"], transposed_names(model))
+    return spectral_ratios(classify_parameters(model)["hidden"], transposed_names(model),
+                           stacked_names(model))
 
 
 class MuonPlusPlus(Muon):

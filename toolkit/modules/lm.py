@@ -25,7 +25,7 @@ class LanguageModel(TrainModule):
                  depth_mup: bool = False, optimizer: str = "adamw", lr: float | None = None,
                  weight_decay: float = 0.1, optimizer_kwargs: dict[str, Any] | None = None,
                  warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1,
-                 compile: bool = False):
+                 compile: bool = False, moe: dict[str, Any] | None = None):
         super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
                          min_lr_ratio)
         GPTConfig(n_head=n_head, n_embd=n_embd, moe=moe)  # bad moe settings fail here, named
