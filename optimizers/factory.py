@@ -139,7 +139,8 @@ def classify_parameters(model: nn.Module, head_names: Iterable[str] | None = Non
                 kind = "embedding"
             elif (isinstance(module, _NORMS) or p.ndim < 2
                   or p_name in getattr(module, "expert_biases", ())):
-                kind = "bias" if p_name.endswith("bias") else "gain"
+                biases = getattr(module, "expert_biases", ())
+                kind = "bias" if p_name.endswith("bias") or p_name in biases else "gain"
             elif mod_name in heads:
                 kind = "head"
             else:

@@ -102,8 +102,8 @@ class MoEConfig:
 def switch_aux_loss(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``E * sum_e f_e P_e`` (Switch Transformer eq. 4): ``logits`` (N, E), ``counts`` (E,) the
     token-slots routed to each expert. Differentiable through ``P`` only, as in Switch."""
-    probs = logits.float().softmax(-1).mean(0)
-    f = counts.float() / counts.sum().clamp_min(1)
+    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1).mean(0)
+    f = counts.to(probs.dtype) / counts.sum().clamp_min(1)
     return logits.shape[-1] * (f * probs).sum()
 
 
@@ -134,8 +134,9 @@ class MoEMLP(nn.Module):
         self.router_z: torch.Tensor | None = None
 
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits (N, E) in fp32, top-k expert ids (N, k) and their gates (N, k)."""
-        logits = F.linear(x2.float(), self.router.weight.float())
+        """Router logits (N, E) in fp32 or wider, top-k expert ids (N, k) and their gates (N, k)."""
+        dt = torch.promote_types(x2.dtype, torch.float32)  # bf16 routing flips near-ties
+        logits = F.linear(x2.to(dt), self.router.weight.to(dt))
         top, idx = logits.topk(self.top_k, dim=-1)
         w = top.softmax(-1)
         return logits, idx, (w.sqrt() if self.sqrt_gate else w)
