@@ -177,3 +177,14 @@ def test_moe_lm_resumes_bitwise(tmp_path):
                                             "expert_hidden": 8})
     make_data = lambda: TextDataModule(block_size=16, batch_size=8)
     assert_bitwise(*straight_and_resumed(make_model, make_data, tmp_path, total=6, stop_at=3))
+
+
+def test_dpsgd_refuses_moe_at_fit_start_and_names_the_fix(monkeypatch, tmp_path):
+    from regularizers.dp.errors import PrivacyError
+    from regularizers.dp.validate import check_model
+    check_model(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16)))  # dense: accepted
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PrivacyError, match=r"blocks\.0\.mlp: MoEMLP.*model\.moe: null"):
+        main(["fit", "--config", str(RECIPES / "dp_lm.yaml"), "--model.n_embd", "16",
+              "--model.moe", "{n_experts: 4, aux_loss_weight: 0.0}", "--data.batch_size", "16",
+              "--trainer.max_steps", "2", "--trainer.logger", "false"])
