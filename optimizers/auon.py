@@ -30,11 +30,13 @@ from .muon import Muon, refuse_unused
 from .registry import register
 
 
-def auon_normalize(m: torch.Tensor) -> torch.Tensor:
-    """Frobenius normalization, then division by the RMS of cosh of the entries (fp32)."""
+def auon_normalize(m: torch.Tensor, stacked: bool = False) -> torch.Tensor:
+    """Frobenius normalization, then division by the RMS of cosh of the entries (fp32); with
+    ``stacked`` each expert matrix ``m[e]`` of an (E, fan_out, fan_in) stack on its own."""
     g = m.float()
-    g = g / (torch.linalg.vector_norm(g) + 1e-7)
-    return g / (torch.cosh(g).square().mean().sqrt() + 1e-8)
+    dims = (-2, -1) if stacked else None
+    g = g / (torch.linalg.vector_norm(g, dim=dims, keepdim=stacked) + 1e-7)
+    return g / (torch.cosh(g).square().mean(dim=dims, keepdim=stacked).sqrt() + 1e-8)
 
 
 class AuON(Muon):
@@ -49,7 +51,7 @@ class AuON(Muon):
         super().__init__(params, lr=lr, **kw)
 
     def directions(self, entries):
-        return [auon_normalize(u) for _, _, u in entries]
+        return [auon_normalize(u, self.is_stacked(p)) for _, p, u in entries]
 
     def direction_dtype(self, group):
         return torch.float32
@@ -63,7 +65,7 @@ class HybridAuON(Muon):
 
     def directions(self, entries):
         ortho = super().directions(entries)
-        return [auon_normalize(o) for o in ortho]
+        return [auon_normalize(o, self.is_stacked(p)) for (_, p, _), o in zip(entries, ortho)]
 
     def direction_dtype(self, group):
         return torch.float32

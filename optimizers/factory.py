@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .orientation import transposed_names
+from .orientation import stacked_names, transposed_names
 from .registry import record
 from .weight_decay_rules import apply_weight_decay_rule
 
@@ -64,8 +64,10 @@ def classify_parameters(model: nn.Module, head_names: Iterable[str] | None = Non
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             if isinstance(module, _EMBEDDINGS):
                 kind = "embedding"
-            elif isinstance(module, _NORMS) or p.ndim < 2:
-                kind = "bias" if p_name.endswith("bias") else "gain"
+            elif (isinstance(module, _NORMS) or p.ndim < 2
+                  or p_name in getattr(module, "expert_biases", ())):
+                biases = getattr(module, "expert_biases", ())
+                kind = "bias" if p_name.endswith("bias") or p_name in biases else "gain"
             elif mod_name in heads:
                 kind = "head"
             else:
@@ -76,13 +78,14 @@ def classify_parameters(model: nn.Module, head_names: Iterable[str] | None = Non
 
 def param_groups(model: nn.Module, weight_decay: float = 0.0,
                  head_names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Parameter groups with ``kind``, ``use_muon``, ``param_names``, ``transposed`` and weight
-    decay.
+    """Parameter groups with ``kind``, ``use_muon``, ``param_names``, ``transposed``, ``stacked``
+    and weight decay.
 
     Weight decay applies to hidden matrices and the head only. ``transposed`` flags each
-    parameter stored ``(fan_in, fan_out)`` (HF ``Conv1D``; see :mod:`optimizers.orientation`).
+    parameter stored ``(fan_in, fan_out)`` (HF ``Conv1D``), ``stacked`` each 3-D stack of expert
+    matrices (``MoEMLP``); see :mod:`optimizers.orientation`.
     """
-    flipped = transposed_names(model)
+    flipped, stacks = transposed_names(model), stacked_names(model)
     groups = []
     for kind, named in classify_parameters(model, head_names).items():
         if not named:
@@ -91,6 +94,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0,
             "params": [p for _, p in named],
             "param_names": [n for n, _ in named],
             "transposed": [n in flipped for n, _ in named],
+            "stacked": [n in stacks for n, _ in named],
             "kind": kind,
             "use_muon": kind == "hidden",
             "weight_decay": weight_decay if kind in ("hidden", "head") else 0.0,

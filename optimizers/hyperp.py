@@ -22,7 +22,9 @@ Depth: with depth-muP residual branches (``GPTConfig.depth_mup``, 1/sqrt(2L)), t
 lr is ``lr * sqrt(base_depth / depth)`` when ``base_depth`` is given (``depth`` defaults to
 the number of distinct ``blocks.<i>.`` in the group's ``param_names``); it is opt-in
 (``recipes/hyperp_lm.yaml`` records how it fared against the residual scaling alone).
-Non-matrix groups get Muon's internal AdamW.
+Non-matrix groups get Muon's internal AdamW. Expert stacks (E, fan_out, fan_in) (the factory's
+``stacked`` flag, MoE layers) keep one sphere per expert: each slice has its own radius, relative
+step and retraction, as E separate matrices would.
 """
 from __future__ import annotations
 
@@ -86,8 +88,14 @@ class HyperSphere(Muon):
         c = group.get("radius_scale")  # absent in checkpoints from before the option
         if c is not None:  # fan_out, whichever way the weight is stored (HF Conv1D)
             return torch.tensor(c * math.sqrt(self.fans(p)[0]), dtype=p.dtype, device=p.device)
-        r = torch.linalg.vector_norm(p)
+        r = self._norm(p, p)
         return r.full_tensor() if sharded.is_dtensor(r) else r  # a plain scalar on every rank
+
+    def _norm(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Frobenius norm of ``t`` (shaped like ``p``): per expert, (E, 1, 1), for a stack."""
+        if self.is_stacked(p):
+            return torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True)
+        return torch.linalg.vector_norm(t)
 
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         st = self.state[p]
@@ -96,9 +104,9 @@ class HyperSphere(Muon):
         lr = group["lr"] * group["lr_depth_factor"]
         p.mul_(1 - group["lr"] * group["weight_decay"])
         u = d.float()
-        step = lr * torch.linalg.vector_norm(p) / torch.linalg.vector_norm(u).clamp_min(1e-12)
+        step = lr * self._norm(p, p) / self._norm(p, u).clamp_min(1e-12)
         p.sub_(u * step)
-        p.mul_(st["radius"] / torch.linalg.vector_norm(p).clamp_min(1e-12))
+        p.mul_(st["radius"] / self._norm(p, p).clamp_min(1e-12))
 
 
 register("hyperp", HyperSphere, lr=0.02,

@@ -26,7 +26,10 @@ parameters are refused.
 
 Shapes: every scale is taken on the layer's ``(fan_out, fan_in)`` map; weights stored
 ``(fan_in, fan_out)`` (HF ``Conv1D``) are flagged per parameter by the factory's ``transposed``
-group key (:mod:`optimizers.orientation`), and :meth:`Muon.fans` reads it.
+group key (:mod:`optimizers.orientation`), and :meth:`Muon.fans` reads it. Expert stacks
+``(E, fan_out, fan_in)`` (MoE layers; the factory's ``stacked`` key) are E matrices: each slice
+is orthogonalized on its own (the slices join the same-shape batch) and scaled by its own shape,
+as E separate ``nn.Linear`` weights would be; other >2-D weights (conv filters) are flattened.
 
 Subclasses (HyperSphere, MuonPlusPlus, AuON) override :meth:`directions` (momentum ->
 update direction) and :meth:`apply_update` (direction -> new weights).
@@ -41,16 +44,18 @@ import torch
 from .registry import register
 from . import sharded
 from .newton_schulz import NS_MATMULS, as_matrix, orthogonalize_many
-from .orientation import fans, group_flags
+from .orientation import fans, group_flags, stacked_flags
 
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def adjusted_ratio(shape: torch.Size, adjust_lr: str, transposed: bool = False) -> float:
+def adjusted_ratio(shape: torch.Size, adjust_lr: str, transposed: bool = False,
+                   stacked: bool = False) -> float:
     """Update scale of torch.optim.Muon's ``adjust_lr_fn`` for a (fan_out, fan_in...) weight,
-    or a (fan_in, fan_out) one with ``transposed`` (HF ``Conv1D``)."""
-    a, b = fans(shape, transposed)
+    a (fan_in, fan_out) one with ``transposed`` (HF ``Conv1D``), or each expert of a
+    (E, fan_out, fan_in) stack with ``stacked``."""
+    a, b = fans(shape, transposed, stacked)
     if adjust_lr == "original":
         return math.sqrt(max(1.0, a / b))
     if adjust_lr == "match_rms_adamw":
@@ -148,21 +153,37 @@ class Muon(torch.optim.Optimizer):
                                      f"{tuple(p.shape)}; Muon only takes matrices (and conv "
                                      "filters), put vectors in a use_muon=False group")
         self._transposed: set[int] = set()  # ids of (fan_in, fan_out) weights, see fans()
+        self._stacked: set[int] = set()  # ids of (E, fan_out, fan_in) expert stacks
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, betas=tuple(betas),
                         eps=eps, ns_dtype=ns_dtype, ns_matmul=ns_matmul)
         super().__init__(groups, defaults)
         self._sharded = sharded.setup(self)  # FSDP2 DTensors: validated, state created now
+        if self._sharded and self._stacked:
+            raise ValueError("expert stacks (MoE layers) under FSDP2 are not supported by the "
+                             "matrix optimizers yet: train MoE models with strategy ddp or one device")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         g = self.param_groups[-1]
         g["transposed"] = group_flags(g)
         self._transposed |= {id(p) for p, t in zip(g["params"], g["transposed"]) if t}
+        g["stacked"] = stacked_flags(g)
+        self._stacked |= {id(p) for p, t in zip(g["params"], g["stacked"]) if t}
 
     def fans(self, p: torch.Tensor) -> tuple[int, int]:
-        """``(fan_out, fan_in)`` of ``p``, whichever way it is stored (see optimizers.orientation)."""
-        return fans(p.shape, id(p) in self._transposed)
+        """``(fan_out, fan_in)`` of ``p`` (of each expert for a stack), whichever way it is stored
+        (see optimizers.orientation)."""
+        return fans(p.shape, id(p) in self._transposed, id(p) in self._stacked)
+
+    def is_stacked(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` is a (E, fan_out, fan_in) stack of expert matrices."""
+        return id(p) in self._stacked
+
+    def matrices(self, p: torch.Tensor, u: torch.Tensor) -> list[torch.Tensor]:
+        """The 2-D matrices Newton-Schulz sees in ``u`` (shaped like ``p``): one per expert of a
+        stack, else the (out, in * kernel) view."""
+        return list(u.unbind(0)) if self.is_stacked(p) else [as_matrix(u)]
 
     def initial_state(self, group: dict, p: torch.Tensor) -> dict[str, Any]:
         """State a step creates for ``p`` (built up front for sharded parameters)."""
@@ -218,17 +239,25 @@ class Muon(torch.optim.Optimizer):
         """Orthogonalized momentum of each matrix (all groups batched together)."""
         kinds = {(g["ns_steps"], g["ns_dtype"], g.get("ns_matmul", "auto")) for g, _, _ in entries}
         split = False if self._sharded else None  # sharded: this rank owns these matrices
+        mats = [self.matrices(p, u) for _, p, u in entries]
         if len(kinds) == 1:
             steps, dtype, matmul = kinds.pop()
-            return orthogonalize_many([as_matrix(u) for _, _, u in entries], steps, split,
+            flat = orthogonalize_many([m for ms in mats for m in ms], steps, split,
                                       dtype=NS_DTYPES[dtype], matmul=matmul)
-        return [orthogonalize_many([as_matrix(u)], g["ns_steps"], split,
-                                   dtype=NS_DTYPES[g["ns_dtype"]],
-                                   matmul=g.get("ns_matmul", "auto"))[0] for g, _, u in entries]
+        else:
+            flat = [o for (g, _, _), ms in zip(entries, mats)
+                    for o in orthogonalize_many(ms, g["ns_steps"], split,
+                                                dtype=NS_DTYPES[g["ns_dtype"]],
+                                                matmul=g.get("ns_matmul", "auto"))]
+        out, i = [], 0
+        for (_, p, _), ms in zip(entries, mats):  # experts of a stack back into one tensor
+            out.append(torch.stack(flat[i:i + len(ms)]) if self.is_stacked(p) else flat[i])
+            i += len(ms)
+        return out
 
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         lr, mode = group["lr"], group["adjust_lr"]
-        ratio = adjusted_ratio(p.shape, mode, id(p) in self._transposed)
+        ratio = adjusted_ratio(p.shape, mode, id(p) in self._transposed, self.is_stacked(p))
         p.mul_(1 - lr * group["weight_decay"])
         if mode == "original":
             # Same bf16 scaling then fp32 add as muon.muon_update, so results match it.

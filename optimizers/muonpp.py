@@ -27,17 +27,23 @@ from torch import nn
 
 from .factory import classify_parameters
 from .muon import Muon, refuse_unused
+from .orientation import spectral_scale, stacked_names, transposed_names
 from .registry import register
-from .orientation import spectral_scale, transposed_names
 
 
 @torch.no_grad()
-def spectral_ratios(named_params, transposed: set[str] = frozenset()) -> dict[str, float]:
+def spectral_ratios(named_params, transposed: set[str] = frozenset(),
+                    stacked: set[str] = frozenset()) -> dict[str, float]:
     """``||W||_2 / sqrt(fan_out/fan_in)`` of each matrix in ``(name, param)`` pairs; names in
-    ``transposed`` are stored (fan_in, fan_out)."""
+    ``transposed`` are stored (fan_in, fan_out); for names in ``stacked`` (expert stacks
+    (E, fan_out, fan_in)) the largest ratio over the experts."""
     out = {}
     for name, p in named_params:
         if p.ndim >= 2:
+            if name in stacked:
+                sigma = torch.linalg.matrix_norm(p.detach().float(), ord=2).max().item()
+                out[name] = sigma / spectral_scale(p.shape, stacked=True)
+                continue
             w = p.detach().float().reshape(p.shape[0], -1)
             out[name] = (torch.linalg.matrix_norm(w, ord=2).item()
                          / spectral_scale(p.shape, name in transposed))
@@ -45,7 +51,8 @@ def spectral_ratios(named_params, transposed: set[str] = frozenset()) -> dict[st
 
 
 def hidden_spectral_ratios(model: nn.Module) -> dict[str, float]:
-    return spectral_ratios(classify_parameters(model)["hidden"], transposed_names(model))
+    return spectral_ratios(classify_parameters(model)["hidden"], transposed_names(model),
+                           stacked_names(model))
 
 
 class MuonPlusPlus(Muon):

@@ -15,6 +15,14 @@ Newton-Schulz itself commutes with transposition (``NS(W^T) = NS(W)^T``), so onl
 scales depend on the orientation. The optimizer factory marks transposed weights from the
 module type (``param_groups``' ``transposed`` list, one flag per parameter); detection is by
 class name so this package stays importable without ``transformers``.
+
+Expert stacks: a mixture-of-experts layer may store its E experts' matrices as one 3-D tensor
+``(E, fan_out, fan_in)`` (``toolkit.models.MoEMLP``, ArchScale's ``Experts``). That is E matrices,
+not one conv-like ``(E, fan_out * fan_in)`` map: every scale above (and Newton-Schulz, and
+HyperP's sphere) belongs to each ``(fan_out, fan_in)`` slice. A module declares such parameters
+by name in its ``expert_stacks`` attribute; the factory flags them per parameter in the groups'
+``stacked`` list (:func:`stacked_names`), as it flags ``transposed`` ones. Conv kernels, which
+carry no such attribute, keep the flattened ``(out, in * kernel)`` reading.
 """
 from __future__ import annotations
 
@@ -33,10 +41,16 @@ def stores_transposed(module: nn.Module) -> bool:
     return any(c.__name__ in TRANSPOSED_MODULES for c in type(module).__mro__)
 
 
-def fans(shape: Sequence[int], transposed: bool = False) -> tuple[int, int]:
+def fans(shape: Sequence[int], transposed: bool = False, stacked: bool = False
+         ) -> tuple[int, int]:
     """``(fan_out, fan_in)`` of a weight of ``shape``: conv filters ``(out, in, *kernel)`` give
     ``(out, in * prod(kernel))``; a transposed (``Conv1D``) weight ``(in, out)`` gives
-    ``(out, in)``."""
+    ``(out, in)``; an expert stack ``(E, out, in)`` (``stacked``) gives each expert's ``(out, in)``."""
+    if stacked:
+        if len(shape) != 3 or transposed:
+            raise ValueError(f"an expert stack must be a 3-D (experts, fan_out, fan_in) weight "
+                             f"and not transposed, got shape {tuple(shape)}")
+        return int(shape[1]), int(shape[2])
     if len(shape) < 2:
         raise ValueError(f"a weight of shape {tuple(shape)} has no fan_out/fan_in: only matrices "
                          "and conv filters do")
@@ -47,11 +61,11 @@ def fans(shape: Sequence[int], transposed: bool = False) -> tuple[int, int]:
     return int(shape[0]), math.prod(int(s) for s in shape[1:])
 
 
-def spectral_scale(shape: Sequence[int], transposed: bool = False) -> float:
-    """The muP spectral scale ``sqrt(fan_out / fan_in)`` of a (fan_out, fan_in, *kernel) weight, or
-    of a (fan_in, fan_out) one with ``transposed`` (HF ``Conv1D``: the scale belongs to the
-    layer's map, not the storage); Yang, Simon & Bernstein 2023, Condition 1."""
-    fan_out, fan_in = fans(shape, transposed)
+def spectral_scale(shape: Sequence[int], transposed: bool = False, stacked: bool = False) -> float:
+    """The muP spectral scale ``sqrt(fan_out / fan_in)`` of a (fan_out, fan_in, *kernel) weight, of
+    a (fan_in, fan_out) one with ``transposed`` (HF ``Conv1D``: the scale belongs to the layer's
+    map, not the storage), or of each expert of a stack; Yang, Simon & Bernstein 2023, Condition 1."""
+    fan_out, fan_in = fans(shape, transposed, stacked)
     return math.sqrt(fan_out / fan_in)
 
 
@@ -86,4 +100,30 @@ def group_flags(group: dict) -> list[bool]:
         if t and (not isinstance(p, torch.Tensor) or p.ndim != 2):
             raise ValueError(f"a parameter of shape {tuple(getattr(p, 'shape', ()))} is flagged "
                              "transposed; only 2-D (fan_in, fan_out) weights can be")
+    return [bool(t) for t in flags]
+
+
+def stacked_names(model: nn.Module) -> set[str]:
+    """Full names of the 3-D parameters of ``model`` that a module lists in ``expert_stacks``
+    (one ``(fan_out, fan_in)`` matrix per expert along dim 0)."""
+    out = set()
+    for mod_name, module in model.named_modules():
+        for p_name in getattr(module, "expert_stacks", ()):
+            p = getattr(module, p_name, None)
+            if isinstance(p, torch.Tensor) and p.ndim == 3:
+                out.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return out
+
+
+def stacked_flags(group: dict) -> list[bool]:
+    """A param group's per-parameter ``stacked`` flags (all False when absent), checked."""
+    params = group["params"]
+    flags = list(group.get("stacked") or [False] * len(params))
+    if len(flags) != len(params):
+        raise ValueError(f"a param group has {len(params)} params but {len(flags)} 'stacked' "
+                         "flags: give one flag per parameter (optimizers.param_groups does)")
+    for p, t in zip(params, flags):
+        if t and (not isinstance(p, torch.Tensor) or p.ndim != 3):
+            raise ValueError(f"a parameter of shape {tuple(getattr(p, 'shape', ()))} is flagged "
+                             "stacked; only 3-D (experts, fan_out, fan_in) weights can be")
     return [bool(t) for t in flags]

@@ -25,7 +25,7 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- recipe-table:begin (python -m scripts.results) -->", "<!-- recipe-table:end -->"
 WIDTH = 110
 # README table order: the toolkit first, then the papers family by family; others follow by name
-ORDER = ["quickstart", "mnist_cnn", "muon_lm", "hyperp_lm", "muonpp_lm", "auon_lm", "erm_mnist",
+ORDER = ["quickstart", "mnist_cnn", "muon_lm", "hyperp_lm", "hyperp_moe_lm", "muonpp_lm", "auon_lm", "erm_mnist",
          "mixup_mnist", "kmixup_mnist", "ghosts_lr_spike", "langevin_mnist", "dpsgd_mnist",
          "dp_lm", "massive_activations_lm", "hf_llama_muon", "minilm_speakers"]
 

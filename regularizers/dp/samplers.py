@@ -167,6 +167,11 @@ def refusal(module: nn.Module) -> str | None:
     if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
         return (f"{name} keeps its weights out of per-example reach: build it from nn.Linear "
                 "layers (e.g. opacus.layers.DPLSTM / DPGRU / DPMultiheadAttention, which do)")
+    if getattr(module, "expert_stacks", ()):
+        return (f"{name} routes tokens to experts stored as 3-D stacks; no per-example sampler "
+                "covers them (data-dependent dispatch defeats the torch.func fallback, and its "
+                "load-balancing loss mixes the batch's examples): train a dense model "
+                "(model.moe: null) under DP-SGD")
     own = [n for n, p in module.named_parameters(recurse=False)]
     if own and any(True for _ in module.children()):
         shared = {id(p) for c in module.children() for p in c.parameters()}

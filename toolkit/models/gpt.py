@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .moe import MoEConfig, MoEMLP
 
 
 @dataclass
@@ -25,10 +28,16 @@ class GPTConfig:
     # depth-muP (HyperP, Bordelon et al.): multiply each residual branch by
     # 1/sqrt(2*n_layer) so updates to the stream stay O(1) as depth grows.
     depth_mup: bool = False
+    # None: dense MLPs. A dict of MoEConfig's fields (n_experts, top_k, shared_expert, gate,
+    # expert_hidden, aux_loss_weight) puts a MoEMLP in every block (toolkit/models/moe.py).
+    moe: Any = None
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        self.moe = MoEConfig.coerce(self.moe)
+        if self.moe is not None:
+            self.moe.hidden(4 * self.n_embd)  # checks divisibility now, with the fix named
 
 
 class CausalSelfAttention(nn.Module):
@@ -69,7 +78,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEMLP(cfg.n_embd, cfg.moe, 4 * cfg.n_embd, cfg.bias) if cfg.moe else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.branch_scale = 1 / math.sqrt(2 * cfg.n_layer) if cfg.depth_mup else 1.0
 
@@ -92,7 +101,7 @@ class GPT(nn.Module):
         # GPT-2's scaled init of residual projections, unless depth-muP already scales them.
         if not cfg.depth_mup:
             for name, p in self.named_parameters():
-                if name.endswith("c_proj.weight"):
+                if name.endswith(("c_proj.weight", "mlp.w_out", "mlp.shared.2.weight")):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
@@ -101,6 +110,14 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+
+    def moe_layers(self) -> list[MoEMLP]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoEMLP)]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum over MoE layers of the last forward's load-balancing loss (None when dense)."""
+        layers = self.moe_layers()
+        return torch.stack([m.aux_loss for m in layers]).sum() if layers else None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]

@@ -12,16 +12,23 @@ from .base import LMSteps, TrainModule, cross_entropy
 
 
 class LanguageModel(LMSteps, TrainModule):
-    """GPT language model. ``vocab_size=None`` takes it from the data module at setup."""
+    """GPT language model. ``vocab_size=None`` takes it from the data module at setup.
+
+    ``moe`` (a dict of :class:`toolkit.models.MoEConfig` fields) replaces every block's MLP by a
+    mixture of experts; training then minimizes ``cross-entropy + aux_loss_weight * aux`` (the
+    load-balancing loss summed over layers) and logs ``train/aux_loss``. Validation and test
+    losses stay the cross-entropy alone, comparable with a dense model's.
+    """
 
     def __init__(self, vocab_size: int | None = None, block_size: int = 128, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = False,
                  depth_mup: bool = False, optimizer: str = "adamw", lr: float | None = None,
                  weight_decay: float = 0.1, optimizer_kwargs: dict[str, Any] | None = None,
                  warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1,
-                 compile: bool = False):
+                 compile: bool = False, moe: dict[str, Any] | None = None):
         super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
                          min_lr_ratio)
+        GPTConfig(n_head=n_head, n_embd=n_embd, moe=moe)  # bad moe settings fail here, named
         self.save_hyperparameters()
         self.model: GPT | None = None
         if vocab_size is not None:
@@ -34,7 +41,7 @@ class LanguageModel(LMSteps, TrainModule):
     def _build(self, vocab_size: int) -> None:
         hp = self.hparams
         self.model = GPT(GPTConfig(vocab_size, hp.block_size, hp.n_layer, hp.n_head, hp.n_embd,
-                                   hp.dropout, hp.bias, hp.depth_mup))
+                                   hp.dropout, hp.bias, hp.depth_mup, hp.get("moe")))
         if hp.compile:
             self.model.compile()
 
@@ -59,6 +66,15 @@ class LanguageModel(LMSteps, TrainModule):
     def lm_loss(self, batch) -> tuple[torch.Tensor, int]:
         x, y = batch
         return cross_entropy(self(x), y), x.shape[0]
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)  # logs the cross-entropy as train/loss
+        aux = self.model.aux_loss()
+        if aux is None:
+            return loss
+        self.log("train/aux_loss", aux.detach(), batch_size=batch[0].shape[0])
+        weight = self.model.cfg.moe.aux_loss_weight
+        return loss + weight * aux if weight else loss
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -7,7 +7,10 @@ matrix on logging steps; dW is the change since the previous logging step. Spect
 norms come from power iteration warm-started with the vectors of the previous logging
 step, so a few iterations per matrix track a slowly moving top singular pair. Under FSDP2
 each sharded matrix is gathered whole on every rank, one at a time, when it is measured (a
-collective: every rank runs the monitor), so the numbers are those of one process.
+collective: every rank runs the monitor), so the numbers are those of one process. Expert
+stacks ``(E, fan_out, fan_in)`` of MoE layers (``optimizers.orientation.stacked_names``) are E
+matrices: each expert is measured on its own and ``W/<name>`` (``dW/<name>``) is the largest
+ratio over the experts.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from optimizers import classify_parameters
-from optimizers.orientation import spectral_scale, transposed_names
+from optimizers.orientation import spectral_scale, stacked_names, transposed_names
 from optimizers.sharded import is_dtensor
 
 from ..seeding import generator
@@ -69,20 +72,30 @@ class SpectralMonitor(StepMonitor):
             self.vectors[key] = torch.randn(M[0].numel(), generator=g)
         return self.vectors[key]
 
+    def _sigma(self, key: str, W: torch.Tensor, stacked: bool) -> float:
+        """Top singular value of ``W``; of each expert ``W[e]`` (largest returned) if ``stacked``."""
+        if not stacked:
+            sigma, self.vectors[key] = power_iteration(W, self._vector(key, W), self.iters)
+            return sigma
+        sigmas = []
+        for e, M in enumerate(W.unbind(0)):
+            k = f"{key}[{e}]"
+            sigma, self.vectors[k] = power_iteration(M, self._vector(k, M), self.iters)
+            sigmas.append(sigma)
+        return max(sigmas)
+
     @torch.no_grad()
     def measure(self, model: nn.Module) -> dict[str, float]:
         out: dict[str, float] = {}
-        flipped = transposed_names(model)
+        flipped, stacks = transposed_names(model), stacked_names(model)
         for name, p in classify_parameters(model)["hidden"]:
             W = p.detach().full_tensor() if is_dtensor(p) else p.detach()  # FSDP2: gather
-            scale = spectral_scale(W.shape, name in flipped)
-            sigma, self.vectors[name] = power_iteration(W, self._vector(name, W), self.iters)
-            out[f"W/{name}"] = sigma / scale
+            stacked = name in stacks
+            scale = spectral_scale(W.shape, name in flipped, stacked)
+            out[f"W/{name}"] = self._sigma(name, W, stacked) / scale
             if name in self.previous:
                 dW = W - self.previous[name].to(W.device)
-                key = f"dW:{name}"
-                sigma, self.vectors[key] = power_iteration(dW, self._vector(key, dW), self.iters)
-                out[f"dW/{name}"] = sigma / scale
+                out[f"dW/{name}"] = self._sigma(f"dW:{name}", dW, stacked) / scale
             self.previous[name] = W.detach().to("cpu", copy=True)
         for kind in ("W", "dW"):
             vals = [v for k, v in out.items() if k.startswith(kind + "/")]

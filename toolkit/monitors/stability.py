@@ -4,6 +4,12 @@ normalizer), output-logit z (the same for the LM head), RMS of each attention an
 branch output, and the outlier percentage (share of hidden entries more than 5 standard
 deviations from their token's mean over the hidden dimension).
 
+Mixture-of-experts MLPs (a branch module with ``router_z`` and ``load``, as
+``toolkit.models.MoEMLP``) add two indicators: ``router_z`` (the same log^2-normalizer statistic
+on the router logits, ArchScale's ``router_z_mean``) and ``expert_load`` (the busiest expert's
+share of the token-slots times the number of experts: 1 when balanced, E when one expert takes
+all). ``mlp_rms`` is then the MoE output's RMS, the quantity HyperP's SqrtGate keeps constant.
+
 The pure functions take tensors; ``StabilityProbe`` attaches them to a model with hooks;
 ``StabilityMonitor`` does so on logging steps only.
 """
@@ -77,6 +83,12 @@ class StabilityProbe:
                 if found is not None:
                     hooks.forward(found[1], self._once(f"{key}/layer{i}", lambda m, a, o, c=scale:
                                                        c * rms(first_tensor(o))))
+            mlp = self.branches[i]["mlp_rms"]
+            if mlp is not None and hasattr(mlp[1], "router_z") and hasattr(mlp[1], "load"):
+                hooks.forward(mlp[1], self._once(f"router_z/layer{i}", lambda m, a, o:
+                                                 m.router_z))
+                hooks.forward(mlp[1], self._once(f"expert_load/layer{i}", lambda m, a, o:
+                                                 m.load.max() * m.load.numel() / m.load.sum()))
             if self.attn_mods[i] is not None:
                 hooks.pre(self.attn_mods[i][1], self._attn_z(i), with_kwargs=True)
         if self.head is not None:
@@ -112,7 +124,7 @@ class StabilityProbe:
     def collect(self) -> dict[str, float]:
         """Per-layer values plus ``mean`` and ``max`` over layers of each indicator."""
         out = {k: float(v) for k, v in self.values.items()}
-        for name in ("attn_z", "attn_rms", "mlp_rms", "outlier_pct"):
+        for name in ("attn_z", "attn_rms", "mlp_rms", "outlier_pct", "router_z", "expert_load"):
             per = [v for k, v in out.items() if k.startswith(name + "/layer")]
             if per:
                 out[f"{name}/mean"], out[f"{name}/max"] = sum(per) / len(per), max(per)
