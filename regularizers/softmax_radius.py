@@ -139,7 +139,7 @@ def _jvp_func(model, args, point: dict, tangents: dict) -> tuple[torch.Tensor, A
 
 
 _JVPS = {"forward_ad": _jvp_forward_ad, "func": _jvp_func}
-_NO_FORWARD_AD = ("forward ad", "forward-mode", "forward mode", "jvp")
+_NO_FORWARD_AD = ("forward ad", "forward-mode", "forward mode")
 
 
 def directional_logits(model: nn.Module, inputs: Any, direction: Mapping[str, torch.Tensor],
@@ -149,8 +149,10 @@ def directional_logits(model: nn.Module, inputs: Any, direction: Mapping[str, to
     ``model.named_parameters()``; parameters it leaves out stay fixed), at ``params`` (default:
     the model's current values), by one forward-mode JVP: ``method="forward_ad"`` (dual
     tensors in place of the parameters, one plain forward) or ``"func"`` (``torch.func.jvp``
-    over ``functional_call``); both give the same numbers. Buffers are left unchanged in
-    either mode (``eval_mode=False`` runs on copies of them).
+    over ``functional_call``); both give the same numbers. Buffers are left unchanged
+    (``eval_mode=False`` runs on copies of them). Only ``"forward_ad"`` runs train-mode
+    BatchNorm (torch.func refuses its in-place statistics update) and modules registered twice
+    (functional_call leaves such a module holding its swapped-in tensors).
 
     Returns ``(z, a)`` of the model's logit shape (..., classes).
     """
