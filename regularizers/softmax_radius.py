@@ -29,6 +29,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .jvp_rules import lean_jvp_rules
+
 
 @dataclass(frozen=True)
 class Radius:
@@ -108,10 +110,11 @@ def _scratch_buffers(model: nn.Module, on: bool) -> Iterator[None]:
 def _jvp_forward_ad(model, args, point: dict, tangents: dict) -> tuple[torch.Tensor, Any]:
     """One forward with dual tensors (primal ``point``, tangent ``tangents``) put in place of
     the module's parameters (``torch.autograd.forward_ad``): no functional_call, no autograd
-    graph; the parameters themselves are put back untouched."""
+    graph, leaner rules for linear, convolution and group norm (jvp_rules.py); the parameters
+    themselves are put back untouched."""
     slots = _param_slots(model)
     swapped = []
-    with torch.no_grad(), fwAD.dual_level():
+    with torch.no_grad(), fwAD.dual_level(), lean_jvp_rules():
         try:
             for name, primal in point.items():
                 value = fwAD.make_dual(primal, tangents[name]) if name in tangents else primal

@@ -1,7 +1,8 @@
 """The two JVPs behind rho_a (``method="forward_ad"``: dual tensors in place of the
 parameters; ``method="func"``: torch.func.jvp over functional_call) against each other and
 against central finite differences of plain forwards, on an MLP, a CNN with BatchNorm left in
-train mode, a model with a tied weight, and one with a submodule registered twice (which only
+train mode, GroupNorm CNNs (2-D, and 1-D without affine: the lean linear / conv / group-norm
+rules of jvp_rules.py), a model with a tied weight, and one with a submodule registered twice (which only
 the forward_ad path handles); and the clear errors for forwards forward-mode AD cannot go through."""
 from __future__ import annotations
 
@@ -57,12 +58,18 @@ def _case(name):
     torch.manual_seed(0)
     if name == "mlp":
         return MLP(12, (16, 16), 5), torch.randn(9, 12, generator=gen)
-    if name == "cnn-batchnorm":
-        return SmallCNN(1, 4, 4, "batch", image_size=8, hidden=8), torch.randn(6, 1, 8, 8, generator=gen)
+    if name in ("cnn-batchnorm", "cnn-groupnorm"):
+        return (SmallCNN(1, 4, 4, name.removeprefix("cnn-").removesuffix("norm"), groups=2, image_size=8, hidden=8),
+                torch.randn(6, 1, 8, 8, generator=gen))
+    if name == "conv1d-groupnorm-noaffine":
+        return (nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.GroupNorm(2, 4, affine=False),
+                              nn.Tanh(), nn.Flatten(), nn.Linear(28, 5)),
+                torch.randn(5, 3, 7, generator=gen))
     return _Tied(shared=name == "shared-module"), torch.randint(0, 11, (4, 5), generator=gen)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn-batchnorm", "tied", "shared-module"])
+@pytest.mark.parametrize("name", ["mlp", "cnn-batchnorm", "cnn-groupnorm",
+                                  "conv1d-groupnorm-noaffine", "tied", "shared-module"])
 @pytest.mark.parametrize("eval_mode", [True, False])
 def test_forward_ad_equals_torch_func_and_finite_differences(name, eval_mode):
     model, x = _case(name)
