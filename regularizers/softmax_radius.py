@@ -60,34 +60,38 @@ def logits_of(output: Any) -> torch.Tensor:
                     "`.logits`")
 
 
+def _walk(model: nn.Module) -> tuple[dict, dict, list[nn.Module]]:
+    """One pass over the module tree: the parameters under the names ``named_parameters()``
+    gives them, every (module, attribute) slot holding each (a tied weight has several, and
+    all must carry the same dual tensor), and the distinct modules."""
+    named: dict[str, nn.Parameter] = {}
+    slots: dict[str, list[tuple[nn.Module, str]]] = {}
+    first: dict[int, str] = {}
+    modules = []
+    for prefix, m in model.named_modules():  # a module registered twice comes once
+        modules.append(m)
+        for attr, p in m._parameters.items():
+            if p is not None:
+                name = first.setdefault(id(p), f"{prefix}.{attr}" if prefix else attr)
+                named.setdefault(name, p)
+                slots.setdefault(name, []).append((m, attr))
+    return named, slots, modules
+
+
 @contextmanager
-def _eval_mode(model: nn.Module, on: bool) -> Iterator[None]:
+def _eval_mode(model: nn.Module, modules: list[nn.Module], on: bool) -> Iterator[None]:
     """Eval mode inside (dropout off, BatchNorm on running statistics, no buffer updates),
     each submodule's own flag restored after."""
     if not on:
         yield
         return
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [m.training for m in modules]
     model.eval()
     try:
         yield
     finally:
-        for m, flag in flags:
+        for m, flag in zip(modules, flags):
             m.training = flag
-
-
-def _param_slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
-    """Parameter name (as ``named_parameters()`` gives it) -> every (module, attribute) that
-    holds that tensor: a tied weight has several, and all must carry the same dual tensor."""
-    canonical = {id(p): n for n, p in model.named_parameters()}
-    slots: dict[str, list[tuple[nn.Module, str]]] = {}
-    seen: set[tuple[int, str]] = set()
-    for _, m in model.named_modules(remove_duplicate=False):
-        for attr, p in m._parameters.items():
-            if p is not None and (id(m), attr) not in seen and id(p) in canonical:
-                seen.add((id(m), attr))
-                slots.setdefault(canonical[id(p)], []).append((m, attr))
-    return slots
 
 
 @contextmanager
@@ -107,12 +111,12 @@ def _scratch_buffers(model: nn.Module, on: bool) -> Iterator[None]:
             m._buffers[k] = b
 
 
-def _jvp_forward_ad(model, args, point: dict, tangents: dict) -> tuple[torch.Tensor, Any]:
+def _jvp_forward_ad(model, args, point: dict, tangents: dict, slots: dict
+                    ) -> tuple[torch.Tensor, Any]:
     """One forward with dual tensors (primal ``point``, tangent ``tangents``) put in place of
     the module's parameters (``torch.autograd.forward_ad``): no functional_call, no autograd
     graph, leaner rules for linear, convolution and group norm (jvp_rules.py); the parameters
     themselves are put back untouched."""
-    slots = _param_slots(model)
     swapped = []
     with torch.no_grad(), fwAD.dual_level(), lean_jvp_rules():
         try:
@@ -128,7 +132,7 @@ def _jvp_forward_ad(model, args, point: dict, tangents: dict) -> tuple[torch.Ten
     return z, a
 
 
-def _jvp_func(model, args, point: dict, tangents: dict) -> tuple[torch.Tensor, Any]:
+def _jvp_func(model, args, point: dict, tangents: dict, slots: dict) -> tuple[torch.Tensor, Any]:
     """The same JVP by ``torch.func.jvp`` over ``functional_call`` (tied weights follow the
     name given, as ``functional_call(tie_weights=True)`` does)."""
     fixed = {n: p for n, p in point.items() if n not in tangents}
@@ -161,7 +165,7 @@ def directional_logits(model: nn.Module, inputs: Any, direction: Mapping[str, to
     """
     if method not in _JVPS:
         raise ValueError(f"method={method!r}: use one of {sorted(_JVPS)}")
-    named = dict(model.named_parameters())
+    named, slots, modules = _walk(model)
     unknown = sorted(set(direction) - set(named))
     if unknown:
         raise KeyError(f"direction names {unknown[:5]} are not parameters of "
@@ -173,13 +177,14 @@ def directional_logits(model: nn.Module, inputs: Any, direction: Mapping[str, to
                          f"{bad[:3]}; give one step per parameter, shaped like it")
     point = {n: (params[n] if params is not None and n in params else p).detach()
              for n, p in named.items()}
-    tangents = {n: direction[n].detach().to(point[n].dtype) for n in direction}
+    tangents = {n: t.detach() if t.dtype == point[n].dtype else t.detach().to(point[n].dtype)
+                for n, t in direction.items()}
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     # the math attention kernel: the fused CPU/GPU kernels have no forward-mode derivative
-    with _eval_mode(model, eval_mode), _scratch_buffers(model, not eval_mode), \
+    with _eval_mode(model, modules, eval_mode), _scratch_buffers(model, not eval_mode), \
             sdpa_kernel(SDPBackend.MATH):
         try:
-            z, a = _JVPS[method](model, args, point, tangents)
+            z, a = _JVPS[method](model, args, point, tangents, slots)
         except (RuntimeError, NotImplementedError) as e:
             if not any(k in str(e).lower() for k in _NO_FORWARD_AD):
                 raise
