@@ -1,7 +1,7 @@
 """The two JVPs behind rho_a (``method="forward_ad"``: dual tensors in place of the
 parameters; ``method="func"``: torch.func.jvp over functional_call) against each other and
 against central finite differences of plain forwards, on an MLP, a CNN with BatchNorm left in
-train mode, GroupNorm CNNs (2-D, and 1-D without affine: the lean linear / conv / group-norm
+train mode, a small GPT, GroupNorm CNNs (2-D, and 1-D without affine: the lean linear / conv / group-norm
 rules of jvp_rules.py), a model with a tied weight, and one with a submodule registered twice (which only
 the forward_ad path handles); and the clear errors for forwards forward-mode AD cannot go through."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from regularizers import RadiusControl, directional_logits, softmax_radius
-from toolkit.models import MLP, SmallCNN
+from toolkit.models import GPT, MLP, GPTConfig, SmallCNN
 
 
 @pytest.fixture(autouse=True)
@@ -65,11 +65,14 @@ def _case(name):
         return (nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.GroupNorm(2, 4, affine=False),
                               nn.Tanh(), nn.Flatten(), nn.Linear(28, 5)),
                 torch.randn(5, 3, 7, generator=gen))
+    if name == "gpt":  # embeddings, LayerNorm, causal attention (math kernel)
+        return (GPT(GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16)),
+                torch.randint(0, 13, (3, 8), generator=gen))
     return _Tied(shared=name == "shared-module"), torch.randint(0, 11, (4, 5), generator=gen)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn-batchnorm", "cnn-groupnorm",
-                                  "conv1d-groupnorm-noaffine", "tied", "shared-module"])
+                                  "conv1d-groupnorm-noaffine", "gpt", "tied", "shared-module"])
 @pytest.mark.parametrize("eval_mode", [True, False])
 def test_forward_ad_equals_torch_func_and_finite_differences(name, eval_mode):
     model, x = _case(name)
