@@ -53,7 +53,8 @@ class RadiusControl(L.Callback):
     fewer rows can only under-estimate Delta_a). ``eval_mode`` linearizes with dropout off and
     BatchNorm on running statistics (the reference code's choice), which also keeps buffers
     unchanged. ``method`` picks the JVP: ``"forward_ad"`` (dual tensors in place of the
-    parameters, the default) or ``"func"`` (``torch.func.jvp``); the numbers are the same. Under DDP Delta_a is the max over ranks, so replicas stay identical.
+    parameters, the default) or ``"func"`` (``torch.func.jvp``); the numbers are the same.
+    Under DDP Delta_a is the max over ranks, so replicas stay identical.
     Logs ``ghosts/r`` (before control), ``ghosts/rho_a``, ``ghosts/tau`` and ``ghosts/scale``.
     """
     # The step size it applies is a function of the training batch: DP-SGD refuses it, since
