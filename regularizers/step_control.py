@@ -52,7 +52,9 @@ class RadiusControl(L.Callback):
     ``max_examples`` measures Delta_a on the batch's first rows only (cheaper; the max over
     fewer rows can only under-estimate Delta_a). ``eval_mode`` linearizes with dropout off and
     BatchNorm on running statistics (the reference code's choice), which also keeps buffers
-    unchanged. Under DDP Delta_a is the max over ranks, so replicas stay identical.
+    unchanged. ``method`` picks the JVP: ``"forward_ad"`` (dual tensors in place of the
+    parameters, the default) or ``"func"`` (``torch.func.jvp``); the numbers are the same.
+    Under DDP Delta_a is the max over ranks, so replicas stay identical.
     Logs ``ghosts/r`` (before control), ``ghosts/rho_a``, ``ghosts/tau`` and ``ghosts/scale``.
     """
     # The step size it applies is a function of the training batch: DP-SGD refuses it, since
@@ -60,14 +62,17 @@ class RadiusControl(L.Callback):
     reads_batch_into_update = True
 
     def __init__(self, r_max: float = 1.0, max_examples: int | None = None,
-                 eval_mode: bool = True):
+                 eval_mode: bool = True, method: str = "forward_ad"):
         super().__init__()
         if not (isinstance(r_max, (int, float)) and r_max > 0):  # False for nan
             raise ValueError(f"r_max={r_max!r} must be a number > 0 (1.0 is the radius itself, "
                              "where the paper sees failures begin; inf measures r only)")
         if max_examples is not None and max_examples < 1:
             raise ValueError(f"max_examples={max_examples} must be >= 1, or None for the whole batch")
+        if method not in ("forward_ad", "func"):
+            raise ValueError(f"method={method!r}: use 'forward_ad' (default) or 'func'")
         self.r_max, self.max_examples, self.eval_mode = float(r_max), max_examples, eval_mode
+        self.method = method
         self.steps, self.scaled = 0, 0
         self.last: dict[str, float] = {}
         self._handles: list = []
@@ -113,7 +118,7 @@ class RadiusControl(L.Callback):
         with torch.no_grad():
             delta = dict(zip(names, torch._foreach_sub([p.detach() for p in params], before)))
         rad = softmax_radius(self._module, self._inputs, delta, dict(zip(names, before)),
-                             self.eval_mode)
+                             self.eval_mode, self.method)
         if dist.is_available() and dist.is_initialized():
             spread = torch.tensor([rad.spread], dtype=torch.float64, device=params[0].device)
             dist.all_reduce(spread, op=dist.ReduceOp.MAX)
