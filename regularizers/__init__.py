@@ -7,8 +7,7 @@ from .kmixup import KMixup, Mixup, assignment, kmixup_batch, kmixup_partners, mi
 from .batch_transforms import BatchTransform
 from .langevin import IterateAveraging, LangevinNoise, add_langevin_noise_
 from .lr_spike import LRSpike
-from .softmax_radius import directional_logits, logit_spread, softmax_radius
-from .step_control import RadiusControl
+from .ghosts import RadiusControl, directional_logits, logit_spread, softmax_radius
 
 __all__: list[str] = ["BatchTransform", "DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "LRSpike", "Mixup",
                       "RadiusControl", "directional_logits", "logit_spread", "softmax_radius",

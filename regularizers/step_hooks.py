@@ -33,16 +33,20 @@ class StepHookCallback(L.Callback):
         self.steps += 1
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._remove()
+        self._unhook()  # a second fit with the same callback hooks once, not twice
         for opt in trainer.optimizers:
             if type(self).before_step is not StepHookCallback.before_step:
                 self._handles.append(opt.register_step_pre_hook(self._pre))
             self._handles.append(opt.register_step_post_hook(self._post))
 
-    def _remove(self) -> None:
+    def _unhook(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def _remove(self) -> None:
+        """Undo what fit start set up (subclasses add their own state)."""
+        self._unhook()
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._remove()

@@ -1,7 +1,7 @@
 """``RadiusControl``: keep every optimizer step inside the softmax convergence radius.
 
 P. Sao, "Ghosts of Softmax" (arXiv 2603.13552): the step controller keeps tau = |delta| <=
-r_max * rho_a, rho_a = pi / Delta_a (softmax_radius.py), rescaling a longer proposed step
+r_max * rho_a, rho_a = pi / Delta_a (core.py), rescaling a longer proposed step
 delta to delta * r_max * rho_a / tau ("a replacement for gradient clipping": the optimizer,
 its lr schedule and its state are untouched, only the applied step is shortened).
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
 import torch
 import torch.distributed as dist
 
-from .softmax_radius import Radius, radius_from_spread, softmax_radius
+from ..step_hooks import StepHookCallback
+from .core import Radius, radius_from_spread, softmax_radius
 
 _INPUT_KEYS = ("x", "input", "inputs", "input_ids", "image", "pixel_values")
 
@@ -44,7 +44,7 @@ def rescale_step_(params: list[torch.Tensor], before: list[torch.Tensor], scale:
     torch._foreach_copy_(params, delta)
 
 
-class RadiusControl(L.Callback):
+class RadiusControl(StepHookCallback):
     """After each optimizer step (any optimizer; a post-step hook, as LangevinNoise), measure
     r = tau / rho_a of the step just applied at the pre-step weights on the step's batch, and
     when r > ``r_max`` put back the pre-step weights plus the step scaled by r_max / r.
@@ -73,9 +73,8 @@ class RadiusControl(L.Callback):
             raise ValueError(f"method={method!r}: use 'forward_ad' (default) or 'func'")
         self.r_max, self.max_examples, self.eval_mode = float(r_max), max_examples, eval_mode
         self.method = method
-        self.steps, self.scaled = 0, 0
+        self.scaled = 0
         self.last: dict[str, float] = {}
-        self._handles: list = []
         self._inputs = None
         self._module = None
 
@@ -92,8 +91,7 @@ class RadiusControl(L.Callback):
                                  "are not parameters of the LightningModule; it can only measure "
                                  "the module's own parameters")
             self._opts[id(opt)] = (ps, [names[id(p)] for p in ps], [])
-            self._handles += [opt.register_step_pre_hook(self._before_step),
-                              opt.register_step_post_hook(self._after_step)]
+        super().on_fit_start(trainer, pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         x = batch_inputs(batch)
@@ -103,14 +101,14 @@ class RadiusControl(L.Callback):
 
     # -- the controller ------------------------------------------------------------------------
     @torch.no_grad()
-    def _before_step(self, optimizer, args, kwargs) -> None:
+    def before_step(self, optimizer) -> None:
         params, _, before = self._opts[id(optimizer)]
         if len(before) != len(params):
             before[:] = [p.detach().clone() for p in params]
         else:
             torch._foreach_copy_(before, [p.detach() for p in params])
 
-    def _after_step(self, optimizer, args, kwargs) -> None:
+    def after_step(self, optimizer) -> None:
         if self._inputs is None:
             raise RuntimeError("RadiusControl saw an optimizer step outside a training batch; "
                                "it measures the step on the batch it was computed from")
@@ -128,7 +126,6 @@ class RadiusControl(L.Callback):
             scale = self.r_max / rad.r
             rescale_step_([p.data for p in params], before, scale)
             self.scaled += 1
-        self.steps += 1
         self.last = {"r": rad.r, "rho_a": rad.rho, "tau": rad.tau, "scale": scale}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -138,20 +135,14 @@ class RadiusControl(L.Callback):
                                 if math.isfinite(v)}, on_step=True, on_epoch=False)
 
     def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._opts, self._module = [], {}, None
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._remove()
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._remove()
+        super()._remove()
+        self._opts, self._module = {}, None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"r_max": self.r_max, "steps": self.steps, "scaled": self.scaled,
+        return {**super().state_dict(), "r_max": self.r_max, "scaled": self.scaled,
                 "last": dict(self.last)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.steps, self.scaled = state_dict["steps"], state_dict["scaled"]
+        super().load_state_dict(state_dict)
+        self.scaled = state_dict["scaled"]
         self.last = dict(state_dict.get("last", {}))
