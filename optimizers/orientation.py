@@ -89,17 +89,23 @@ def transposed_ids(model: nn.Module) -> set[int]:
     return {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in names}
 
 
-def group_flags(group: dict) -> list[bool]:
-    """A param group's per-parameter ``transposed`` flags (all False when absent), checked."""
+# per-parameter layout flags a param group may carry: key -> (ndim it implies, what it means)
+_FLAGS = {"transposed": (2, "(fan_in, fan_out)"), "stacked": (3, "(experts, fan_out, fan_in)")}
+
+
+def group_flags(group: dict, key: str = "transposed") -> list[bool]:
+    """A param group's per-parameter ``transposed`` (or ``stacked``) flags, all False when
+    absent, checked: one per parameter, and only on weights of the shape the flag implies."""
+    ndim, layout = _FLAGS[key]
     params = group["params"]
-    flags = list(group.get("transposed") or [False] * len(params))
+    flags = list(group.get(key) or [False] * len(params))
     if len(flags) != len(params):
-        raise ValueError(f"a param group has {len(params)} params but {len(flags)} 'transposed' "
+        raise ValueError(f"a param group has {len(params)} params but {len(flags)} {key!r} "
                          "flags: give one flag per parameter (optimizers.param_groups does)")
     for p, t in zip(params, flags):
-        if t and (not isinstance(p, torch.Tensor) or p.ndim != 2):
+        if t and (not isinstance(p, torch.Tensor) or p.ndim != ndim):
             raise ValueError(f"a parameter of shape {tuple(getattr(p, 'shape', ()))} is flagged "
-                             "transposed; only 2-D (fan_in, fan_out) weights can be")
+                             f"{key}; only {ndim}-D {layout} weights can be")
     return [bool(t) for t in flags]
 
 
@@ -116,14 +122,5 @@ def stacked_names(model: nn.Module) -> set[str]:
 
 
 def stacked_flags(group: dict) -> list[bool]:
-    """A param group's per-parameter ``stacked`` flags (all False when absent), checked."""
-    params = group["params"]
-    flags = list(group.get("stacked") or [False] * len(params))
-    if len(flags) != len(params):
-        raise ValueError(f"a param group has {len(params)} params but {len(flags)} 'stacked' "
-                         "flags: give one flag per parameter (optimizers.param_groups does)")
-    for p, t in zip(params, flags):
-        if t and (not isinstance(p, torch.Tensor) or p.ndim != 3):
-            raise ValueError(f"a parameter of shape {tuple(getattr(p, 'shape', ()))} is flagged "
-                             "stacked; only 3-D (experts, fan_out, fan_in) weights can be")
-    return [bool(t) for t in flags]
+    """A param group's per-parameter ``stacked`` flags (see :func:`group_flags`)."""
+    return group_flags(group, "stacked")

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.sweep_io import open_sweep
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,13 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="write each recipe's mean/std test "
                     "accuracy and loss to docs/results/<recipe>.json, README and its header")
     args = ap.parse_args(argv)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    out, path, results = open_sweep(args.out, args.threads, {})
     for seed in args.seeds:  # seed-major: a partial sweep still has every recipe at some seeds
         for r in args.recipes:
             name = Path(r).stem

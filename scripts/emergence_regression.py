@@ -186,7 +186,7 @@ def plots(recs: list[dict], res: dict, out: Path, grid: list[dict], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from toolkit.monitors.emergence_report import by_layer
+    from toolkit.monitors.emergence import by_layer
     from toolkit.monitors.massive import read_history
     done = [res[k] for k in res if "points" in res[k]]
     names = [k for k in res if "points" in res[k]]

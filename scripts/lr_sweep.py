@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from optimizers import OPTIMIZERS
 from optimizers.muonpp import hidden_spectral_ratios
+from scripts.sweep_io import open_sweep
 from toolkit import LanguageModel, TextDataModule
 
 
@@ -142,12 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--out", default="runs/sweeps/default")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else []
+    out, results_path, results = open_sweep(args.out, args.threads, [])
     done = {r["name"] for r in results}
     for d in args.depths:
         for w in args.widths:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.optimize import lsq_linear, minimize_scalar
 
-from toolkit.monitors.emergence import (LOWER, UPPER, _shape_grid, emergence_law, fit_emergence,
-                                        grid_profile, peak_step, refine)
-from toolkit.monitors.emergence_boot import block_resample, refine_batch
+from toolkit.monitors.emergence.core import (LOWER, UPPER, _shape_grid, emergence_law, fit_emergence,
+                                             grid_profile, peak_step, refine)
+from toolkit.monitors.emergence.boot import block_resample, refine_batch
 
 T = np.arange(0, 3001, 50.0)  # the issue's window: 61 points
 ISSUE = (12.0, 0.15, 3e-3, 1.2, 6.0)

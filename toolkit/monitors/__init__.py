@@ -1,5 +1,7 @@
-"""Low-overhead training monitors: pure functions plus Lightning callbacks that measure on
-logging steps only (hooks exist only then) and keep their state in checkpoints."""
+"""Low-overhead training monitors. Each is a package named after its method: pure functions
+(``core.py``) plus a Lightning callback (``callback.py``) that measures on logging steps only
+(hooks exist only then) and keeps its state in checkpoints. ``base.py`` (StepMonitor) and
+``layers.py`` (finding blocks, branches and heads in any model) are what they share."""
 from .emergence import EmergenceFit, emergence_law, fit_emergence, fit_history
 from .layers import find_blocks, resolve_layers
 from .massive import (ActivationStats, MassiveActivationMonitor, activation_stats,

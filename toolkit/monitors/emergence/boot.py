@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .emergence import LOWER, PARAMS, UPPER, emergence_law, grid_profile, peak_step
+from .core import LOWER, PARAMS, UPPER, emergence_law, grid_profile, peak_step
 
 
 def _model_b(P, s):
@@ -78,7 +78,7 @@ def block_resample(res: np.ndarray, n_boot: int, block: int, rng) -> np.ndarray:
 def bootstrap(fit, s, y, p, grid, n_boot: int, rtol: float, block: int | None, seed: int,
               iters: int = 80) -> None:
     """Fills ``fit.samples``, ``fit.intervals``, ``fit.identifiable`` and ``fit.reason``."""
-    from .emergence import _model
+    from .core import _model
     n = y.size
     block = block or max(1, round(n ** (1 / 3)))
     y_hat = _model(p, s)

@@ -213,16 +213,14 @@ def fit_emergence(steps, ratios, min_points: int = 6, n_starts: int = 6, n_boot:
                        len(t), scale, horizon, level=level,
                        at_bound=[PARAMS[i] for i in np.flatnonzero(near)])
     if n_boot > 0:
-        from .emergence_boot import bootstrap
+        from .boot import bootstrap
         bootstrap(fit, s, y, p, grid, n_boot, rtol, block, seed)
     return fit
 
 
 def fit_history(rows: list[dict], min_points: int = 6, **kw) -> dict[int, EmergenceFit]:
     """Per-layer fits of a monitor history (layers with too few points are left out)."""
-    from .emergence_report import by_layer
+    from .report import by_layer
     return {i: fit_emergence(steps, ratios, min_points, **kw)
             for i, (steps, ratios) in by_layer(rows).items() if len(steps) >= min_points}
 
-
-from .emergence_report import by_layer, plot_history, summary_table  # noqa: E402,F401

@@ -21,10 +21,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..layers import (ATTN_BRANCHES, MLP_BRANCHES, Hooks, Layer, call_model, find_branch, find_head,
+                      first_tensor, resolve_layers)
 from .attention import attention_logits
-from .base import StepMonitor, log_metrics
-from .layers import (ATTN_BRANCHES, MLP_BRANCHES, Hooks, Layer, call_model, find_branch,
-                     find_head, first_tensor, resolve_layers)
+
 
 ATTN_MODULES = ("attn", "self_attn", "attention.self", "attention")
 
@@ -40,8 +40,6 @@ def softmax_z(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.T
     return lse[torch.isfinite(lse)].square().mean()  # rows attending nothing (padding) drop out
 
 
-# An entry is an outlier beyond 5 standard deviations of its token's hidden vector (5 sigma:
-# ~6e-7 of Gaussian entries, so a non-zero share means heavy tails, not noise).
 OUTLIER_K = 5.0
 
 
@@ -115,7 +113,7 @@ class StabilityProbe:
                     warnings.warn(f"attention Z: no logits adapter for {type(module).__name__} "
                                   "(toolkit attention, nn.MultiheadAttention, HF Llama/Mistral/"
                                   "Qwen-style q_proj/k_proj, GPT-2 and BERT-style query/key are "
-                                  "supported; see toolkit.monitors.attention); attn_z is not "
+                                  "supported; see toolkit.monitors.stability.attention); attn_z is not "
                                   "reported")
                 return
             self.values[key] = softmax_z(*got).detach()
@@ -140,29 +138,3 @@ def stability_indicators(model: nn.Module, batch, layers: str | Sequence[str] = 
         probe.attach(hooks)
         call_model(model, batch)
     return probe.collect()
-
-
-class StabilityMonitor(StepMonitor):
-    """Logs the HyperP indicators as ``stability/<indicator>/layer{i}`` (and ``/mean``,
-    ``/max``; ``stability/logit_z``) on the training forward of every ``every_n_steps``-th
-    step; no hooks exist in between."""
-
-    def __init__(self, every_n_steps: int = 50, layers: str | list[str] = "auto",
-                 outlier_k: float = OUTLIER_K):
-        super().__init__(every_n_steps)
-        self.layers_arg, self.outlier_k = layers, outlier_k
-        self.last: dict[str, float] = {}
-        self._probe: StabilityProbe | None = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # Not in setup: LightningModules may build their model later, in configure_model.
-        self._probe = StabilityProbe(pl_module, resolve_layers(pl_module, self.layers_arg),
-                                         self.outlier_k)
-
-    def start(self, trainer, pl_module, batch) -> None:
-        self._probe.attach(self.hooks)
-
-    def finish(self, trainer, pl_module, step: int) -> None:
-        self.last = self._probe.collect()
-        if self.last:
-            log_metrics(trainer, {f"stability/{k}": v for k, v in self.last.items()}, step)
