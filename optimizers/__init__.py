@@ -6,9 +6,12 @@ from .muon import Muon
 from .hyperp import HyperSphere
 from .muonpp import MuonPlusPlus
 from .auon import AuON, HybridAuON
+from .rco import RCO, budget_normal, gumbel_straight_through, retract_, tangent_project
+from .rco_dp import budget_dp
 from .weight_decay_rules import apply_weight_decay_rule, tau_from_weight_decay, weight_decay_from_tau
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "classify_parameters", "default_lr",
            "describe_optimizers", "optimizer_defaults", "param_groups", "register",
            "lr_factor", "warmup_decay", "Muon", "HyperSphere", "MuonPlusPlus", "AuON",
-           "HybridAuON", "apply_weight_decay_rule", "tau_from_weight_decay", "weight_decay_from_tau"]
+           "HybridAuON", "RCO", "budget_normal", "gumbel_straight_through", "retract_",
+           "tangent_project", "budget_dp", "apply_weight_decay_rule", "tau_from_weight_decay", "weight_decay_from_tau"]
