@@ -1,6 +1,7 @@
 """Optimizers as plug-ins: a registry, a param-group factory and schedules. Pure torch."""
 from .factory import (OPTIMIZERS, build_optimizer, classify_parameters, default_lr,
-                      describe_optimizers, optimizer_defaults, param_groups, register)
+                      describe_optimizers, model_optimizers, optimizer_defaults, param_groups,
+                      register)
 from .schedules import lr_factor, warmup_decay
 from .muon import Muon
 from .hyperp import HyperSphere
@@ -11,7 +12,7 @@ from .rco_dp import budget_dp
 from .weight_decay_rules import apply_weight_decay_rule, tau_from_weight_decay, weight_decay_from_tau
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "classify_parameters", "default_lr",
-           "describe_optimizers", "optimizer_defaults", "param_groups", "register",
+           "describe_optimizers", "model_optimizers", "optimizer_defaults", "param_groups", "register",
            "lr_factor", "warmup_decay", "Muon", "HyperSphere", "MuonPlusPlus", "AuON",
            "HybridAuON", "RCO", "budget_normal", "gumbel_straight_through", "retract_",
            "tangent_project", "budget_dp", "apply_weight_decay_rule", "tau_from_weight_decay", "weight_decay_from_tau"]

@@ -33,14 +33,16 @@ HEAD_NAMES = ("lm_head", "head", "classifier", "output_layer", "fc_out")
 KINDS = ("hidden", "head", "embedding", "gain", "bias")
 
 
-def register(name: str, lr: float | None = None, description: str = ""
+def register(name: str, lr: float | None = None, description: str = "", model_params: bool = True
              ) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
     """Decorator adding ``fn(groups, lr=..., **hparams) -> Optimizer`` to the registry.
 
     ``lr`` is the optimizer's own default learning rate (used when ``build_optimizer`` gets
     none): one lr cannot suit every family (Muon's orthogonalized update wants ~20x AdamW's).
     None takes the ``lr`` default of ``fn.optimizer_class``'s constructor, if it has one.
-    ``description`` is the line ``python -m toolkit optimizers`` shows.
+    ``description`` is the line ``python -m toolkit optimizers`` shows. ``model_params=False``
+    marks an optimizer of other tensors (RCO's choice logits): ``build_optimizer(module, name)``
+    refuses it, and :func:`model_optimizers` leaves it out.
     """
 
     def deco(fn: OptimizerBuilder) -> OptimizerBuilder:
@@ -48,10 +50,16 @@ def register(name: str, lr: float | None = None, description: str = ""
             raise ValueError(f"optimizer {name!r} is registered twice")
         fn.default_lr = lr
         fn.description = description
+        fn.model_params = model_params
         OPTIMIZERS[name] = fn
         return fn
 
     return deco
+
+
+def model_optimizers() -> list[str]:
+    """Sorted names of the registered optimizers that train a model's parameters."""
+    return sorted(n for n, b in OPTIMIZERS.items() if getattr(b, "model_params", True))
 
 
 def default_lr(name: str) -> float:
@@ -188,6 +196,11 @@ def build_optimizer(model: nn.Module | Iterable, name: str = "adamw", lr: float 
         raise ValueError(f"unknown optimizer {name!r}; registered: {sorted(OPTIMIZERS)}. "
                          "Add one with @optimizers.register(name).")
     if isinstance(model, nn.Module):
+        if not getattr(OPTIMIZERS[name], "model_params", True):
+            raise ValueError(f"optimizer {name!r} does not train model parameters "
+                             f"({OPTIMIZERS[name].description.split(':')[0]}); pass it the "
+                             f"tensors it optimizes, build_optimizer([tensor], {name!r}, ...), or "
+                             f"choose one of {model_optimizers()} for the model")
         groups = param_groups(model, weight_decay, head_names)
     else:
         groups = list(model)

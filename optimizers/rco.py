@@ -238,7 +238,7 @@ class RCO(torch.optim.Optimizer):
         return loss
 
 
-@register("rco", lr=0.05, description="RCO (Helcig & Alistarh 2026): Adam on choice logits under an "
+@register("rco", lr=0.05, model_params=False, description="RCO (Helcig & Alistarh 2026): Adam on choice logits under an "
           "exact expected-cost budget (tangent projection, retraction, momentum transport); "
           "needs costs= and budget=, not model param groups")
 def build_rco(groups, lr, **hp) -> RCO:

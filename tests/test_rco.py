@@ -176,3 +176,6 @@ def test_registry_builds_rco_over_tensors_and_groups():
     opt = build_optimizer([{"params": [a, b], "costs": [costs, costs], "budget": 20.0}], "rco",
                           lr=0.01)
     assert opt.expected_cost() == pytest.approx(20.0, rel=1e-6)
+    assert "rco" not in optimizers.model_optimizers()
+    with pytest.raises(ValueError, match="does not train model parameters"):
+        build_optimizer(torch.nn.Linear(2, 2), "rco")

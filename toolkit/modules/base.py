@@ -65,9 +65,9 @@ class TrainModule(L.LightningModule):
                  optimizer_kwargs: dict[str, Any] | None = None, warmup_steps: int = 0,
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
         super().__init__()
-        if optimizer not in optimizers.OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; registered: "
-                             f"{sorted(optimizers.OPTIMIZERS)}")
+        if optimizer not in optimizers.model_optimizers():
+            raise ValueError(f"unknown optimizer {optimizer!r} for model parameters; registered: "
+                             f"{optimizers.model_optimizers()}")
 
     def configure_optimizers(self):
         hp = self.hparams
