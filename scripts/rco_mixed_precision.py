@@ -1,0 +1,117 @@
+"""Mixed-precision bit-widths of the trained quickstart GPT at an average of 4.0 bits:
+full precision vs uniform 4-bit vs the penalty method vs RCO, all final assignments exactly on
+budget (exact-budget DP rounding), val loss on all validation blocks.
+
+Needs the trained GPT: ``python -m toolkit fit --config recipes/quickstart.yaml`` (runs/quickstart).
+
+    python -m scripts.rco_mixed_precision   # docs/results/rco_mixed_precision_lm.json, docs/rco.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from toolkit import TextDataModule
+from toolkit.modules.base import cross_entropy
+from toolkit.modules.bitsearch import BitWidthSearch
+
+COMMAND = "python -m scripts.rco_mixed_precision"
+RECIPE = "rco_mixed_precision_lm"
+
+
+@torch.no_grad()
+def val_loss(module: BitWidthSearch, loader) -> float:
+    total, n = 0.0, 0
+    for x, y in loader:
+        total += float(cross_entropy(module.gpt(x), y)) * x.shape[0]
+        n += x.shape[0]
+    return total / n
+
+
+def search(args, method: str, penalty: float, dm: TextDataModule, seed: int) -> BitWidthSearch:
+    module = BitWidthSearch(checkpoint=args.checkpoint, avg_bits=args.avg_bits, method=method,
+                            lr=args.lr, penalty=penalty, sample_seed=seed)
+    trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
+    t0 = time.time()
+    trainer.fit(module, dm)
+    module.search_seconds = time.time() - t0
+    return module
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", default="runs/quickstart")
+    ap.add_argument("--avg-bits", type=float, default=4.0)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--penalties", type=float, nargs="+", default=[10.0, 1000.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    dm = TextDataModule(block_size=128, batch_size=16, val_blocks=256, seed=1)
+    loader = torch.utils.data.DataLoader(dm.val_dataloader().dataset, batch_size=64)
+    values: dict[str, float] = {}
+    rows: list[tuple[str, float, float, str]] = []
+
+    def record(key: str, label: str, module: BitWidthSearch, choice, note: str = "") -> None:
+        module.set_choice(choice)
+        loss = val_loss(module, loader)
+        bits = 32.0 if choice is None else module.avg_bits_of(choice)
+        values[f"{key}/val_loss"] = round(loss, 4)
+        values[f"{key}/avg_bits"] = round(bits, 6)
+        rows.append((label, loss, bits, note))
+        print(f"{label:40s} val {loss:.4f}  avg bits {bits:.4f}  {note}", flush=True)
+
+    for seed in args.seeds:
+        rco = search(args, "rco", 0.0, dm, seed)
+        if seed == args.seeds[0]:
+            four = torch.full((len(rco.layers),), rco.hparams.bits.index(4))
+            record("full_precision", "full precision (fp32)", rco, None)
+            record("uniform_4bit", "uniform 4-bit", rco, four)
+            record("uniform_8bit", "uniform 8-bit (over budget, context)", rco,
+                   torch.full_like(four, rco.hparams.bits.index(8)))
+        choice = rco.assignment()
+        record(f"rco_seed{seed}", f"RCO, seed {seed}", rco, choice,
+               f"{rco.search_seconds:.0f} s search; expected bits at end "
+               f"{rco.expected_avg_bits():.6f}; bits {list(rco.bits_table(choice).values())}")
+        for lam in args.penalties:
+            pen = search(args, "penalty", lam, dm, seed)
+            c = pen.assignment()
+            record(f"penalty{lam:g}_seed{seed}", f"penalty lam={lam:g}, DP rounding, seed {seed}",
+                   pen, c, f"expected bits at end {pen.expected_avg_bits():.4f}; "
+                           f"bits {list(pen.bits_table(c).values())}")
+            c = pen.assignment("argmax")
+            record(f"penalty{lam:g}_argmax_seed{seed}", f"penalty lam={lam:g}, argmax, seed {seed}",
+                   pen, c, "on budget" if abs(pen.avg_bits_of(c) - args.avg_bits) < 1e-9
+                   else "OFF budget")
+    root = Path(__file__).resolve().parents[1]
+    out = root / "docs/results" / f"{RECIPE}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = f"{COMMAND} --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
+    out.write_text(json.dumps({"recipe": RECIPE, "command": cmd, "values": values}, indent=1) + "\n")
+    table = ["| assignment | val loss | average bits | note |", "| --- | --- | --- | --- |"]
+    table += [f"| {label} | {loss:.4f} | {bits:.4f} | {note} |" for label, loss, bits, note in rows]
+    md_path = root / "docs/rco.md"
+    md = md_path.read_text() if md_path.exists() else ""
+    start, end = "<!-- rco-mixed-precision-table -->", "<!-- /rco-mixed-precision-table -->"
+    block = (f"{start}\n" + "\n".join(table) + f"\n\nQuickstart GPT ({args.checkpoint}), 16 block "
+             f"linears, bits {{2, 3, 4, 8}}, budget {args.avg_bits} average bits weighted by "
+             f"parameter count, {args.steps} search steps of batch 16 x 128 (training split), "
+             f"val loss on 256 validation blocks; `{cmd}`.\n{end}")
+    if start in md:
+        md = md[:md.index(start)] + block + md[md.index(end) + len(end):]
+    else:
+        md = md + "\n" + block + "\n"
+    md_path.write_text(md)
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
