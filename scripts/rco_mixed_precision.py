@@ -1,6 +1,8 @@
-"""Mixed-precision bit-widths of the trained quickstart GPT at an average of 4.0 bits:
+"""Mixed-precision bit-widths of the trained quickstart GPT at an average of 4.0 (and 3.0) bits:
 full precision vs uniform 4-bit vs the penalty method vs RCO, all final assignments exactly on
-budget (exact-budget DP rounding), val loss on all validation blocks.
+budget (exact-budget DP rounding), val loss on all validation blocks. Both searches minimize
+the KL divergence from the full-precision model on training batches, start from the
+weight-MSE sensitivity logits, and use the same steps, lr, batches and Gumbel noise.
 
 Needs the trained GPT: ``python -m toolkit fit --config recipes/quickstart.yaml`` (runs/quickstart).
 
@@ -33,8 +35,9 @@ def val_loss(module: BitWidthSearch, loader) -> float:
     return total / n
 
 
-def search(args, method: str, penalty: float, dm: TextDataModule, seed: int) -> BitWidthSearch:
-    module = BitWidthSearch(checkpoint=args.checkpoint, avg_bits=args.avg_bits, method=method,
+def search(args, avg: float, method: str, penalty: float, dm: TextDataModule, seed: int
+           ) -> BitWidthSearch:
+    module = BitWidthSearch(checkpoint=args.checkpoint, avg_bits=avg, method=method,
                             lr=args.lr, penalty=penalty, sample_seed=seed)
     trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False,
                         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
@@ -47,8 +50,8 @@ def search(args, method: str, penalty: float, dm: TextDataModule, seed: int) -> 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default="runs/quickstart")
-    ap.add_argument("--avg-bits", type=float, default=4.0)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--avg-bits", type=float, nargs="+", default=[4.0, 3.0])
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--penalties", type=float, nargs="+", default=[10.0, 1000.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -69,32 +72,46 @@ def main(argv=None):
         rows.append((label, loss, bits, note))
         print(f"{label:40s} val {loss:.4f}  avg bits {bits:.4f}  {note}", flush=True)
 
-    for seed in args.seeds:
-        rco = search(args, "rco", 0.0, dm, seed)
-        if seed == args.seeds[0]:
-            four = torch.full((len(rco.layers),), rco.hparams.bits.index(4))
-            record("full_precision", "full precision (fp32)", rco, None)
-            record("uniform_4bit", "uniform 4-bit", rco, four)
-            record("uniform_8bit", "uniform 8-bit (over budget, context)", rco,
-                   torch.full_like(four, rco.hparams.bits.index(8)))
-        choice = rco.assignment()
-        record(f"rco_seed{seed}", f"RCO, seed {seed}", rco, choice,
-               f"{rco.search_seconds:.0f} s search; expected bits at end "
-               f"{rco.expected_avg_bits():.6f}; bits {list(rco.bits_table(choice).values())}")
-        for lam in args.penalties:
-            pen = search(args, "penalty", lam, dm, seed)
-            c = pen.assignment()
-            record(f"penalty{lam:g}_seed{seed}", f"penalty lam={lam:g}, DP rounding, seed {seed}",
-                   pen, c, f"expected bits at end {pen.expected_avg_bits():.4f}; "
-                           f"bits {list(pen.bits_table(c).values())}")
-            c = pen.assignment("argmax")
-            record(f"penalty{lam:g}_argmax_seed{seed}", f"penalty lam={lam:g}, argmax, seed {seed}",
-                   pen, c, "on budget" if abs(pen.avg_bits_of(c) - args.avg_bits) < 1e-9
-                   else "OFF budget")
+    for avg in args.avg_bits:
+        tag = f"avg{avg:g}"
+        for seed in args.seeds:
+            rco = search(args, avg, "rco", 0.0, dm, seed)
+            if seed == args.seeds[0]:
+                if avg == args.avg_bits[0]:
+                    record("full_precision", "full precision (fp32)", rco, None)
+                if float(avg).is_integer() and int(avg) in rco.hparams.bits:
+                    uni = torch.full((len(rco.layers),), rco.hparams.bits.index(int(avg)))
+                    record(f"{tag}/uniform", f"uniform {avg:g}-bit", rco, uni)
+                init = BitWidthSearch(checkpoint=args.checkpoint, avg_bits=avg, init="sensitivity")
+                c = init.assignment()
+                record(f"{tag}/sensitivity_init_dp", f"{avg:g} bits: weight-MSE init + DP, no search",
+                       init, c, f"bits {list(init.bits_table(c).values())}")
+            choice = rco.assignment()
+            record(f"{tag}/rco_seed{seed}", f"{avg:g} bits: RCO, seed {seed}", rco, choice,
+                   f"{rco.search_seconds:.0f} s search; expected bits at end "
+                   f"{rco.expected_avg_bits():.6f}; bits {list(rco.bits_table(choice).values())}")
+            for lam in args.penalties:
+                pen = search(args, avg, "penalty", lam, dm, seed)
+                c = pen.assignment()
+                record(f"{tag}/penalty{lam:g}_seed{seed}",
+                       f"{avg:g} bits: penalty lam={lam:g}, DP rounding, seed {seed}", pen, c,
+                       f"expected bits at end {pen.expected_avg_bits():.4f}; "
+                       f"bits {list(pen.bits_table(c).values())}")
+                c = pen.assignment("argmax")
+                record(f"{tag}/penalty{lam:g}_argmax_seed{seed}",
+                       f"{avg:g} bits: penalty lam={lam:g}, argmax, seed {seed}", pen, c,
+                       "on budget" if abs(pen.avg_bits_of(c) - avg) < 1e-9 else "OFF budget")
+        for m in ["rco"] + [f"penalty{lam:g}" for lam in args.penalties]:
+            runs = [values[f"{tag}/{m}_seed{s}/val_loss"] for s in args.seeds]
+            values[f"{tag}/{m}_mean/val_loss"] = round(sum(runs) / len(runs), 4)
+            rows.append((f"{avg:g} bits: {m}, mean of {len(runs)} seeds", sum(runs) / len(runs),
+                         avg, ""))
     root = Path(__file__).resolve().parents[1]
     out = root / "docs/results" / f"{RECIPE}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = f"{COMMAND} --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
+    cmd = (f"{COMMAND} --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
+           f"--avg-bits {' '.join(f'{a:g}' for a in args.avg_bits)} "
+           f"--penalties {' '.join(f'{p:g}' for p in args.penalties)}")
     out.write_text(json.dumps({"recipe": RECIPE, "command": cmd, "values": values}, indent=1) + "\n")
     table = ["| assignment | val loss | average bits | note |", "| --- | --- | --- | --- |"]
     table += [f"| {label} | {loss:.4f} | {bits:.4f} | {note} |" for label, loss, bits, note in rows]
@@ -102,8 +119,9 @@ def main(argv=None):
     md = md_path.read_text() if md_path.exists() else ""
     start, end = "<!-- rco-mixed-precision-table -->", "<!-- /rco-mixed-precision-table -->"
     block = (f"{start}\n" + "\n".join(table) + f"\n\nQuickstart GPT ({args.checkpoint}), 16 block "
-             f"linears, bits {{2, 3, 4, 8}}, budget {args.avg_bits} average bits weighted by "
-             f"parameter count, {args.steps} search steps of batch 16 x 128 (training split), "
+             f"linears, bits {{2, 3, 4, 8}}, budgets {args.avg_bits} average bits weighted by "
+             f"parameter count, {args.steps} search steps of batch 16 x 128 (training split, KL to "
+             f"the full-precision model), "
              f"val loss on 256 validation blocks; `{cmd}`.\n{end}")
     if start in md:
         md = md[:md.index(start)] + block + md[md.index(end) + len(end):]

@@ -6,7 +6,11 @@ Layer n at b bits costs b * numel_n / sum numel (``toolkit.models.quant.bit_cost
 budget is the parameter-weighted average bit-width. Each training step draws a Gumbel
 straight-through one-hot (RCO: the budget DP's choice on the perturbed logits, every sample
 within budget; penalty: the argmax), sets every layer's weight to its fake-quantized choice and
-back-propagates the LM loss to the logits; temperature tau anneals exponentially from
+back-propagates the loss to the logits: ``objective="kl"`` (default, as the reference code) the
+KL divergence from the full-precision model's next-token distribution on the batch, which
+removes the data noise common to both models, or ``"ce"`` the LM loss. ``init="sensitivity"``
+(the reference's default) starts from -log of each option's weight MSE, ``"uniform"`` from equal
+logits, both retracted onto the budget; temperature tau anneals exponentially from
 ``tau_init`` to ``tau_min`` over ``max_steps``. RCO keeps the relaxation's expected bits equal to
 the budget; the penalty method adds ``penalty * ((E_p[bits] - B) / B)^2``. The final assignment
 (``assignment()``) is the exact-budget DP over log p for both methods (the penalty method's own
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 import optimizers
 from optimizers import budget_dp
@@ -65,10 +70,15 @@ class BitWidthSearch(L.LightningModule):
     def __init__(self, checkpoint: str = "runs/quickstart", bits: tuple[int, ...] = (2, 3, 4, 8),
                  avg_bits: float = 4.0, method: str = "rco", lr: float = 0.05,
                  penalty: float = 10.0, tau_init: float = 1.0, tau_min: float = 0.05,
-                 skip: tuple[str, ...] = ("lm_head",), sample_seed: int = 0):
+                 skip: tuple[str, ...] = ("lm_head",), sample_seed: int = 0,
+                 objective: str = "kl", init: str = "uniform"):
         super().__init__()
         if method not in ("rco", "penalty"):
             raise ValueError(f"BitWidthSearch method must be 'rco' or 'penalty', got {method!r}")
+        if objective not in ("kl", "ce"):
+            raise ValueError(f"BitWidthSearch objective must be 'kl' or 'ce', got {objective!r}")
+        if init not in ("sensitivity", "uniform"):
+            raise ValueError(f"BitWidthSearch init must be 'sensitivity' or 'uniform', got {init!r}")
         self.save_hyperparameters()
         self.gpt = load_gpt(resolve_checkpoint(checkpoint))
         self.gpt.requires_grad_(False)
@@ -83,6 +93,20 @@ class BitWidthSearch(L.LightningModule):
             raise ValueError(f"avg_bits {avg_bits} must lie strictly between {float(lo)} and "
                              f"{float(hi)} (all layers at the fewest / most bits)")
         self.logits = torch.nn.Parameter(torch.zeros(len(self.layers), len(bits)))
+        if init == "sensitivity":
+            with torch.no_grad():
+                self.logits.copy_(self.sensitivity_logits())
+        with torch.no_grad():  # both methods start on the budget
+            optimizers.retract_([self.logits], [self.costs], self.budget)
+
+    @torch.no_grad()
+    def sensitivity_logits(self) -> torch.Tensor:
+        """-log of each option's mean squared weight error, centred per layer (the reference's
+        ``init_alpha_from_sensitivity``): fewer bits where quantizing costs less."""
+        mse = torch.stack([((layer.quantized() - layer.linear.weight) ** 2).mean(dim=(1, 2))
+                           for _, layer in self.layers])
+        logits = -torch.log(mse + 1e-12)
+        return logits - logits.mean(-1, keepdim=True)
 
     # ---- the assignment ------------------------------------------------------------------
     def avg_bits_of(self, choice: torch.Tensor) -> float:
@@ -115,9 +139,6 @@ class BitWidthSearch(L.LightningModule):
         if self.hparams.method == "rco":
             group = {"params": [self.logits], "costs": self.costs, "budget": self.budget}
             return optimizers.build_optimizer([group], "rco", lr=self.hparams.lr)
-        # the penalty method starts from the same on-budget logits as RCO
-        with torch.no_grad():
-            optimizers.retract_([self.logits], [self.costs], self.budget)
         return optimizers.build_optimizer([self.logits], "adam", lr=self.hparams.lr)
 
     def _tau(self) -> float:
@@ -134,9 +155,18 @@ class BitWidthSearch(L.LightningModule):
                                                 budget=self.budget)
         else:
             onehot, _ = gumbel_straight_through(self.logits, self._tau(), gen)
+        if self.hparams.objective == "kl":  # KL to the full-precision model, as the reference
+            self.set_choice(None)
+            with torch.no_grad():
+                ref = torch.log_softmax(self.gpt(x), -1).flatten(0, -2)
         for n, (_, layer) in enumerate(self.layers):
             layer.set_probs(onehot[n])
-        loss = cross_entropy(self.gpt(x), y)
+        out = self.gpt(x)
+        if self.hparams.objective == "kl":
+            loss = F.kl_div(torch.log_softmax(out, -1).flatten(0, -2), ref, log_target=True,
+                            reduction="batchmean")
+        else:
+            loss = cross_entropy(out, y)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=x.shape[0])
         if self.hparams.method == "penalty":
             expected = (self.logits.softmax(-1) * self.costs).sum()
@@ -160,7 +190,7 @@ class BitWidthSearch(L.LightningModule):
         self.final = {"method": self.hparams.method, "avg_bits": self.avg_bits_of(choice),
                       "expected_avg_bits": self.expected_avg_bits(),
                       "bits": self.bits_table(choice)}
-        log_dir = getattr(self.trainer, "log_dir", None)
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
         if log_dir and self.trainer.is_global_zero:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             (Path(log_dir) / "bit_assignment.json").write_text(json.dumps(self.final, indent=1))
