@@ -17,8 +17,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from toolkit import TextDataModule
+from toolkit.data.text import BlockStream
 from toolkit.modules.base import cross_entropy
 from toolkit.modules.bitsearch import BitWidthSearch
 
@@ -33,6 +35,14 @@ def val_loss(module: BitWidthSearch, loader) -> float:
         total += float(cross_entropy(module.gpt(x), y)) * x.shape[0]
         n += x.shape[0]
     return total / n
+
+
+@torch.no_grad()
+def search_kl(module: BitWidthSearch, batches, reference) -> float:
+    """The searches' own objective (KL from full precision) on fixed training batches."""
+    return sum(float(F.kl_div(torch.log_softmax(module.gpt(x), -1).flatten(0, -2), ref,
+                              log_target=True, reduction="batchmean"))
+               for (x, _), ref in zip(batches, reference)) / len(batches)
 
 
 def search(args, avg: float, method: str, penalty: float, dm: TextDataModule, seed: int
@@ -54,23 +64,34 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--penalties", type=float, nargs="+", default=[10.0, 1000.0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     dm = TextDataModule(block_size=128, batch_size=16, val_blocks=256, seed=1)
     loader = torch.utils.data.DataLoader(dm.val_dataloader().dataset, batch_size=64)
     values: dict[str, float] = {}
-    rows: list[tuple[str, float, float, str]] = []
+    rows: list[tuple[str, float, float, float, str]] = []
+    stream = BlockStream(dm.train_data, 128, 16, 1, 0, 1, 0)  # the searches' first batches
+    kl_batches = [stream.batch(i) for i in range(12)]
+    reference: list[torch.Tensor] = []
 
     def record(key: str, label: str, module: BitWidthSearch, choice, note: str = "") -> None:
+        if not reference:
+            module.set_choice(None)
+            with torch.no_grad():
+                reference.extend(torch.log_softmax(module.gpt(x), -1).flatten(0, -2)
+                                 for x, _ in kl_batches)
         module.set_choice(choice)
         loss = val_loss(module, loader)
+        kl = search_kl(module, kl_batches, reference)
         bits = 32.0 if choice is None else module.avg_bits_of(choice)
         values[f"{key}/val_loss"] = round(loss, 4)
+        values[f"{key}/train_kl"] = round(kl, 5)
         values[f"{key}/avg_bits"] = round(bits, 6)
-        rows.append((label, loss, bits, note))
-        print(f"{label:40s} val {loss:.4f}  avg bits {bits:.4f}  {note}", flush=True)
+        rows.append((label, loss, kl, bits, note))
+        print(f"{label:40s} val {loss:.4f} train KL {kl:.5f} avg bits {bits:.4f}  {note}",
+              flush=True)
 
     for avg in args.avg_bits:
         tag = f"avg{avg:g}"
@@ -102,10 +123,12 @@ def main(argv=None):
                        f"{avg:g} bits: penalty lam={lam:g}, argmax, seed {seed}", pen, c,
                        "on budget" if abs(pen.avg_bits_of(c) - avg) < 1e-9 else "OFF budget")
         for m in ["rco"] + [f"penalty{lam:g}" for lam in args.penalties]:
-            runs = [values[f"{tag}/{m}_seed{s}/val_loss"] for s in args.seeds]
-            values[f"{tag}/{m}_mean/val_loss"] = round(sum(runs) / len(runs), 4)
-            rows.append((f"{avg:g} bits: {m}, mean of {len(runs)} seeds", sum(runs) / len(runs),
-                         avg, ""))
+            mean = {f: sum(values[f"{tag}/{m}_seed{s}/{f}"] for s in args.seeds) / len(args.seeds)
+                    for f in ("val_loss", "train_kl")}
+            values[f"{tag}/{m}_mean/val_loss"] = round(mean["val_loss"], 4)
+            values[f"{tag}/{m}_mean/train_kl"] = round(mean["train_kl"], 5)
+            rows.append((f"**{avg:g} bits: {m}, mean of {len(args.seeds)} seeds**",
+                         mean["val_loss"], mean["train_kl"], avg, ""))
     root = Path(__file__).resolve().parents[1]
     out = root / "docs/results" / f"{RECIPE}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +136,10 @@ def main(argv=None):
            f"--avg-bits {' '.join(f'{a:g}' for a in args.avg_bits)} "
            f"--penalties {' '.join(f'{p:g}' for p in args.penalties)}")
     out.write_text(json.dumps({"recipe": RECIPE, "command": cmd, "values": values}, indent=1) + "\n")
-    table = ["| assignment | val loss | average bits | note |", "| --- | --- | --- | --- |"]
-    table += [f"| {label} | {loss:.4f} | {bits:.4f} | {note} |" for label, loss, bits, note in rows]
+    table = ["| assignment | val loss | train KL from fp32 | average bits | note |",
+             "| --- | --- | --- | --- | --- |"]
+    table += [f"| {label} | {loss:.4f} | {kl:.5f} | {bits:.4f} | {note} |"
+              for label, loss, kl, bits, note in rows]
     md_path = root / "docs/rco.md"
     md = md_path.read_text() if md_path.exists() else ""
     start, end = "<!-- rco-mixed-precision-table -->", "<!-- /rco-mixed-precision-table -->"
@@ -122,7 +147,7 @@ def main(argv=None):
              f"linears, bits {{2, 3, 4, 8}}, budgets {args.avg_bits} average bits weighted by "
              f"parameter count, {args.steps} search steps of batch 16 x 128 (training split, KL to "
              f"the full-precision model), "
-             f"val loss on 256 validation blocks; `{cmd}`.\n{end}")
+             f"val loss on 256 validation blocks, train KL on the searches' first 12 batches; `{cmd}`.\n{end}")
     if start in md:
         md = md[:md.index(start)] + block + md[md.index(end) + len(end):]
     else:

@@ -8,9 +8,9 @@ straight-through one-hot (RCO: the budget DP's choice on the perturbed logits, e
 within budget; penalty: the argmax), sets every layer's weight to its fake-quantized choice and
 back-propagates the loss to the logits: ``objective="kl"`` (default, as the reference code) the
 KL divergence from the full-precision model's next-token distribution on the batch, which
-removes the data noise common to both models, or ``"ce"`` the LM loss. ``init="sensitivity"``
-(the reference's default) starts from -log of each option's weight MSE, ``"uniform"`` from equal
-logits, both retracted onto the budget; temperature tau anneals exponentially from
+removes the data noise common to both models, or ``"ce"`` the LM loss. ``init="uniform"`` starts
+from equal logits, ``"sensitivity"`` (the reference's default) from -log of each option's weight
+MSE (it ignores how much each layer matters: see docs/rco.md); both are retracted onto the budget; temperature tau anneals exponentially from
 ``tau_init`` to ``tau_min`` over ``max_steps``. RCO keeps the relaxation's expected bits equal to
 the budget; the penalty method adds ``penalty * ((E_p[bits] - B) / B)^2``. The final assignment
 (``assignment()``) is the exact-budget DP over log p for both methods (the penalty method's own
