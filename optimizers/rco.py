@@ -173,11 +173,11 @@ class RCO(torch.optim.Optimizer):
                              "'rco', costs=c, budget=B) or put them in the group dict")
         if isinstance(costs, torch.Tensor):
             costs = [costs]
-        costs = [torch.as_tensor(c, dtype=torch.float64, device=p.device)
-                 for c, p in zip(costs, params)]
         if len(costs) != len(params):
             raise ValueError(f"RCO param group {i}: {len(params)} logits tensors but "
                              f"{len(costs)} cost tensors; give one cost tensor per logits tensor")
+        costs = [torch.as_tensor(c, dtype=torch.float64, device=p.device)
+                 for c, p in zip(costs, params)]
         for p, c in zip(params, costs):
             if p.ndim < 1 or p.shape[-1] < 2:
                 raise ValueError(f"RCO logits must have >= 2 options on the last dim, got shape "

@@ -161,6 +161,8 @@ def test_infeasible_budget_and_missing_costs_are_refused():
         RCO([a], costs=costs, budget=24.0)
     with pytest.raises(ValueError, match="needs costs"):
         RCO([a], budget=10.0)
+    with pytest.raises(ValueError, match="1 logits tensors but 2 cost tensors"):
+        RCO([{"params": [a], "costs": [costs, costs], "budget": 10.0}])
     with pytest.raises(ValueError, match="below the cheapest"):
         budget_dp(costs.expand(3, 4), torch.zeros(3, 4), 5.0)
 
