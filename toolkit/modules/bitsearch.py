@@ -9,7 +9,8 @@ within budget; penalty: the argmax), sets every layer's weight to its fake-quant
 back-propagates the loss to the logits: ``objective="kl"`` (default, as the reference code) the
 KL divergence from the full-precision model's next-token distribution on the batch, which
 removes the data noise common to both models, or ``"ce"`` the LM loss. ``init="uniform"`` starts
-from equal logits, ``"sensitivity"`` (the reference's default) from -log of each option's weight
+every layer from the same logits t * bits with E[bits] = avg_bits (the reference's
+``init_alpha_to_bits``), ``"sensitivity"`` (the reference's default) from -log of each option's weight
 MSE (it ignores how much each layer matters: see docs/rco.md); both are retracted onto the budget; temperature tau anneals exponentially from
 ``tau_init`` to ``tau_min`` over ``max_steps``. RCO keeps the relaxation's expected bits equal to
 the budget; the penalty method adds ``penalty * ((E_p[bits] - B) / B)^2``. The final assignment
@@ -93,11 +94,14 @@ class BitWidthSearch(L.LightningModule):
             raise ValueError(f"avg_bits {avg_bits} must lie strictly between {float(lo)} and "
                              f"{float(hi)} (all layers at the fewest / most bits)")
         self.logits = torch.nn.Parameter(torch.zeros(len(self.layers), len(bits)))
-        if init == "sensitivity":
-            with torch.no_grad():
+        with torch.no_grad():
+            if init == "sensitivity":
                 self.logits.copy_(self.sensitivity_logits())
-        with torch.no_grad():  # both methods start on the budget
-            optimizers.retract_([self.logits], [self.costs], self.budget)
+                optimizers.retract_([self.logits], [self.costs], self.budget)
+            else:  # the reference's init_alpha_to_bits: every layer t * bits, E[bits] = avg_bits
+                row = torch.zeros(1, len(bits), dtype=torch.float64)
+                optimizers.retract_([row], [torch.tensor(bits, dtype=torch.float64)], avg_bits)
+                self.logits.copy_(row.expand_as(self.logits))
 
     @torch.no_grad()
     def sensitivity_logits(self) -> torch.Tensor:
