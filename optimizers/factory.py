@@ -119,6 +119,7 @@ def build_optimizer(model: nn.Module | Iterable, name: str = "adamw", lr: float 
     rec = record(name)
     rec.check_options(hparams)
     if isinstance(model, nn.Module):
+        rec.check_model_params()
         groups = param_groups(model, weight_decay, head_names)
     else:
         groups = list(model)

@@ -32,6 +32,14 @@ class OptimizerRecord:
     lr: float | None = None
     description: str = ""
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    model_params: bool = True  # False: it optimizes other tensors (RCO's choice logits)
+
+    def check_model_params(self) -> None:
+        if not self.model_params:
+            raise ValueError(f"optimizer {self.name!r} does not train model parameters "
+                             f"({self.description.split(':')[0]}); pass it the tensors it "
+                             f"optimizes, build_optimizer([tensor], {self.name!r}, ...), or choose "
+                             f"one of {model_optimizers()} for the model")
 
     @property
     def refused(self) -> Mapping[str, str]:
@@ -104,13 +112,15 @@ OPTIMIZERS: dict[str, OptimizerRecord] = {}
 
 
 def register(name: str, target: type | Callable | None = None, *, lr: float | None = None,
-             description: str = "", **fixed: Any):
+             description: str = "", model_params: bool = True, **fixed: Any):
     """Add an optimizer under ``name``: ``register("sgd", torch.optim.SGD, lr=0.01, momentum=0.9)``,
     or as a decorator on an optimizer class or a ``build(groups, lr, **options)`` function.
 
     ``lr`` is the optimizer's own default learning rate (one lr cannot suit every family:
     Muon's orthogonalized update wants ~20x AdamW's); None takes the constructor's ``lr``
-    default, if it has one. ``fixed`` overrides constructor defaults.
+    default, if it has one. ``fixed`` overrides constructor defaults. ``model_params=False``
+    marks an optimizer of other tensors (RCO's choice logits): model builds refuse it and
+    :func:`model_optimizers` leaves it out.
     """
     def add(obj):
         if name in OPTIMIZERS:
@@ -118,7 +128,7 @@ def register(name: str, target: type | Callable | None = None, *, lr: float | No
         is_class = isinstance(obj, type)
         OPTIMIZERS[name] = OptimizerRecord(
             name=name, build=obj, optimizer_class=obj if is_class else None, lr=lr,
-            description=description, fixed=dict(fixed))
+            description=description, fixed=dict(fixed), model_params=model_params)
         return obj
 
     return add if target is None else add(target)
@@ -129,6 +139,11 @@ def record(name: str) -> OptimizerRecord:
         raise ValueError(f"unknown optimizer {name!r}; registered: {sorted(OPTIMIZERS)}. "
                          "Add one with optimizers.register(name, OptimizerClass, lr=...).")
     return OPTIMIZERS[name]
+
+
+def model_optimizers() -> list[str]:
+    """Sorted names of the registered optimizers that train a model's parameters."""
+    return sorted(n for n, rec in OPTIMIZERS.items() if rec.model_params)
 
 
 def default_lr(name: str) -> float:
@@ -142,9 +157,13 @@ def optimizer_defaults(name: str) -> dict[str, Any]:
     return record(name).defaults()
 
 
-def check_optimizer_options(name: str, options: Mapping[str, Any]) -> None:
-    """Fail now, naming the accepted options, on a misspelt or unused optimizer option."""
-    record(name).check_options({k: v for k, v in options.items() if k not in FACTORY_ARGS})
+def check_optimizer_options(name: str, options: Mapping[str, Any], model: bool = True) -> None:
+    """Fail now, naming the accepted options, on a misspelt or unused optimizer option (and, for
+    a model's optimizer, on one that does not train model parameters)."""
+    rec = record(name)
+    if model:
+        rec.check_model_params()
+    rec.check_options({k: v for k, v in options.items() if k not in FACTORY_ARGS})
 
 
 def describe_optimizers() -> str:

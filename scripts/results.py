@@ -23,11 +23,13 @@ RESULTS = ROOT / "docs" / "results"
 RECIPES = ROOT / "recipes"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- recipe-table:begin (python -m scripts.results) -->", "<!-- recipe-table:end -->"
+BENCH_BEGIN = "<!-- bench-table:begin (python -m scripts.results) -->"
+BENCH_END = "<!-- bench-table:end -->"
 WIDTH = 110
 # README table order: the toolkit first, then the papers family by family; others follow by name
 ORDER = ["quickstart", "mnist_cnn", "muon_lm", "hyperp_lm", "hyperp_moe_lm", "muonpp_lm", "auon_lm", "erm_mnist",
          "mixup_mnist", "kmixup_mnist", "ghosts_lr_spike", "langevin_mnist", "dpsgd_mnist",
-         "dp_lm", "massive_activations_lm", "hf_llama_muon", "minilm_speakers"]
+         "dp_lm", "massive_activations_lm", "hf_llama_muon", "minilm_speakers", "rco_mixed_precision_lm"]
 
 
 def load(recipe: str) -> dict[str, Any]:
@@ -80,17 +82,41 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def with_table(text: str, table: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"README.md lacks the markers {BEGIN} ... {END}")
-    head, rest = text.split(BEGIN, 1)
-    return head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1]
+def bench_results() -> dict[str, dict[str, Any]]:
+    """Every bench case result kept in docs/results (``python -m scripts.bench CASE --out docs/results``)."""
+    out = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "case" in data and "ratio_vs" in data:
+            out[data["case"]] = data
+    return out
+
+
+def bench_table(results: dict[str, dict[str, Any]]) -> str:
+    rows = ["| case | ours | reference | median ms per repetition, ours / reference | ours / reference | target |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        target = r.get("target")
+        for ref, ratio in r["ratio_vs"].items():
+            t = target.get(ref) if isinstance(target, dict) else target
+            rows.append(f"| `{name}` | {r['ours']} | {ref} | {1e3 * r['median_s'][r['ours']]:.1f} / "
+                        f"{1e3 * r['median_s'][ref]:.1f} | {ratio:.2f}x | "
+                        f"{'-' if t is None else f'<= {t}'} |")
+    return "\n".join(rows)
+
+
+def with_table(text: str, table: str, begin: str = BEGIN, end: str = END) -> str:
+    if begin not in text or end not in text:
+        raise ValueError(f"README.md lacks the markers {begin} ... {end}")
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1]
 
 
 def expected_files() -> dict[Path, str]:
     """Every file this script writes, with the content its JSON implies."""
     results = recipe_results()
-    out = {README: with_table(README.read_text(), readme_table(results))}
+    readme = with_table(README.read_text(), readme_table(results))
+    out = {README: with_table(readme, bench_table(bench_results()), BENCH_BEGIN, BENCH_END)}
     for name, data in results.items():
         path = RECIPES / f"{name}.yaml"
         if not path.exists():

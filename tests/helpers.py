@@ -28,3 +28,17 @@ def write_fake_mnist(root: Path, n_train: int = 600, n_test: int = 100, seed: in
         write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     return root
+
+
+def write_tiny_lm_checkpoint(path: Path, vocab_size: int = 65, seed: int = 0) -> Path:
+    """A 1-layer 16-wide ``LanguageModel`` checkpoint (random weights) in Lightning's format, for
+    modules that start from a trained LM (``BitWidthSearch``)."""
+    import lightning as L
+    import torch
+
+    from toolkit import LanguageModel
+    torch.manual_seed(seed)
+    lm = LanguageModel(vocab_size=vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=16)
+    torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    return path

@@ -41,10 +41,22 @@ def test_recipe_prints_config(recipe, capsys, monkeypatch, tmp_path):
     assert cfg["model"]["class_path"] and cfg["data"]["class_path"]
 
 
+@pytest.fixture(scope="module")
+def tiny_lm_checkpoint(tmp_path_factory) -> Path:
+    from tests.helpers import write_tiny_lm_checkpoint
+    return write_tiny_lm_checkpoint(tmp_path_factory.mktemp("lm") / "tiny.ckpt")
+
+
+def model_overrides(recipe: Path, lm_checkpoint: Path) -> list[str]:
+    """Recipes that start from a trained LM (BitWidthSearch) get a tiny stand-in checkpoint."""
+    args = yaml.safe_load(recipe.read_text()).get("model", {}).get("init_args", {})
+    return ["--model.checkpoint", str(lm_checkpoint)] if "checkpoint" in args else []
+
+
 @pytest.mark.parametrize("recipe", ALL, ids=lambda p: p.stem)
-def test_recipe_runs_two_steps(recipe, recipe_mnist):
+def test_recipe_runs_two_steps(recipe, recipe_mnist, tiny_lm_checkpoint):
     main(["fit", "--config", str(recipe), "--trainer.fast_dev_run", "2",
-          *data_overrides(recipe, recipe_mnist)])
+          *data_overrides(recipe, recipe_mnist), *model_overrides(recipe, tiny_lm_checkpoint)])
 
 
 def test_recipe_headers_are_listed():

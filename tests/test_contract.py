@@ -38,7 +38,7 @@ def _lm(optimizer="adamw"):
 
 # ---- exact resume, every optimizer and every callback -----------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(optimizers.OPTIMIZERS))
+@pytest.mark.parametrize("name", optimizers.model_optimizers())
 def test_every_optimizer_resumes_bitwise_mid_epoch(name, tmp_path, tiny_mnist):
     make_model, make_data = _image(tiny_mnist, name)  # its registered default lr
     assert_bitwise(*straight_and_resumed(make_model, make_data, tmp_path, total=8, stop_at=5))

@@ -115,7 +115,7 @@ def test_noise_std_is_sigma_C_on_zero_gradient_model(batch):
     assert noise.std().item() == pytest.approx(sigma * C, rel=0.01)  # 100k draws: 0.3% s.e.
 
 
-@pytest.mark.parametrize("name", sorted(optimizers.OPTIMIZERS))
+@pytest.mark.parametrize("name", optimizers.model_optimizers())
 def test_composes_with_every_registered_optimizer(name):
     torch.manual_seed(0)
     model, x, y = MODELS["tanh-cnn"]()

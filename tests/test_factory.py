@@ -76,7 +76,7 @@ def test_inherited_but_unused_options_are_refused(name, option):
 
 def test_every_listed_option_is_accepted_by_its_optimizer():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    for name in optimizers.OPTIMIZERS:
+    for name in optimizers.model_optimizers():
         options = {k: v for k, v in optimizers.optimizer_defaults(name).items() if k != "lr"}
         opt = build_optimizer(model, name, **{k: v for k, v in options.items() if k != "weight_decay"})
         assert isinstance(opt, torch.optim.Optimizer)
@@ -118,7 +118,7 @@ def test_build_optimizer_accepts_groups_and_plain_params():
     assert opt.param_groups[0]["betas"] == (0.8, 0.9)
 
 
-@pytest.mark.parametrize("name", sorted(optimizers.OPTIMIZERS))
+@pytest.mark.parametrize("name", optimizers.model_optimizers())
 def test_every_registered_optimizer_trains_a_small_model(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))

@@ -11,7 +11,7 @@ LRS = {"sgd": 0.05, "adamw": 1e-2, "adam": 1e-2, "muon": 0.05, "hyperp": 0.05, "
 DEFAULT_LR = 1e-2
 
 
-@pytest.mark.parametrize("name", sorted(optimizers.OPTIMIZERS))
+@pytest.mark.parametrize("name", optimizers.model_optimizers())
 def test_registered_optimizer_reduces_loss(name):
     torch.manual_seed(0)
     model = SmallCNN(1, 4, width=8, norm="group", image_size=8)
@@ -37,7 +37,7 @@ EXPECTED_DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.01, "muon": 0.02, "
                        "muonpp": 0.02, "auon": 0.1, "hybrid_auon": 0.1}
 
 
-@pytest.mark.parametrize("name", sorted(optimizers.OPTIMIZERS))
+@pytest.mark.parametrize("name", optimizers.model_optimizers())
 def test_default_lr_is_the_optimizers_own_and_trains(name):
     torch.manual_seed(0)
     model = SmallCNN(1, 4, width=8, norm="group", image_size=8)

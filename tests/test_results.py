@@ -45,3 +45,10 @@ def test_a_template_naming_a_missing_value_says_which():
     data = {"recipe": "x", "values": {"a": 1}, "summary": "{b}", "measured": ""}
     with pytest.raises(KeyError, match="'summary' uses 'b', which is not among its values"):
         results.render(data, "summary")
+
+
+def test_the_bench_table_lists_every_kept_bench_result():
+    table = results.bench_table(results.bench_results())
+    for name, r in results.bench_results().items():
+        for ref, ratio in r["ratio_vs"].items():
+            assert f"| `{name}` | {r['ours']} | {ref} |" in table and f"{ratio:.2f}x" in table
