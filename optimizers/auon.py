@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .muon import Muon, refuse_unused
-from .registry import register
+from .muon import Muon
+from .registry import refuse_unused, register
 
 
 def auon_normalize(m: torch.Tensor, stacked: bool = False) -> torch.Tensor:

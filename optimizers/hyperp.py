@@ -34,8 +34,7 @@ import re
 import torch
 
 from . import sharded
-from .muon import refuse_unused
-from .registry import register
+from .registry import refuse_unused, register
 from .muon import Muon
 
 

@@ -92,15 +92,6 @@ def _split_params(params: Iterable) -> list[dict[str, Any]]:
             if g["params"]]
 
 
-def refuse_unused(optimizer_class: type, options: dict) -> None:
-    """Raise on an option a subclass inherits from :class:`Muon` but does not use (listed in its
-    ``refused_options``), instead of ignoring it silently."""
-    for key in options:
-        if key in optimizer_class.refused_options:
-            raise ValueError(f"{optimizer_class.__name__} does not use {key!r}: "
-                             f"{optimizer_class.refused_options[key]}")
-
-
 class Muon(torch.optim.Optimizer):
     """Muon (hidden matrices, ``use_muon=True`` groups) + AdamW (other groups).
 

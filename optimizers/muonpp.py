@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from .factory import classify_parameters
-from .muon import Muon, refuse_unused
+from .muon import Muon
 from .orientation import spectral_scale, stacked_names, transposed_names
-from .registry import register
+from .registry import refuse_unused, register
 
 
 @torch.no_grad()

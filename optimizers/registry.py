@@ -111,6 +111,15 @@ class OptimizerRecord:
 OPTIMIZERS: dict[str, OptimizerRecord] = {}
 
 
+def refuse_unused(optimizer_class: type, options: Mapping[str, Any]) -> None:
+    """Raise on an option a subclass inherits but does not use (listed in its
+    ``refused_options``, name -> reason), instead of ignoring it silently."""
+    refused = getattr(optimizer_class, "refused_options", {})
+    for key in options:
+        if key in refused:
+            raise ValueError(f"{optimizer_class.__name__} does not use {key!r}: {refused[key]}")
+
+
 def register(name: str, target: type | Callable | None = None, *, lr: float | None = None,
              description: str = "", model_params: bool = True, **fixed: Any):
     """Add an optimizer under ``name``: ``register("sgd", torch.optim.SGD, lr=0.01, momentum=0.9)``,
