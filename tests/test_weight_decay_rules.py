@@ -165,3 +165,9 @@ def test_layerwise_rule_on_the_gpt_across_widths(width):
     assert got["head"] == (lr, wd) and got["embedding"] == (lr, 0.0) and got["gain"][1] == 0.0
     n_hidden = sum(len(g["params"]) for g in opt.param_groups if g["kind"] == "hidden")
     assert n_hidden == 2 * 4  # qkv, attention out, mlp in, mlp out per block: all get the rule
+
+
+def test_power_lines_warns_when_a_step_would_wipe_the_weights():
+    with pytest.warns(UserWarning, match="tau \\* steps <= 1"):
+        optimizers.build_optimizer(_Net(), "adamw", lr=0.1,
+                                   weight_decay_rule={"kind": "power_lines", "tau": 0.5, "steps": 2})
