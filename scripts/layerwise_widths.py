@@ -53,7 +53,8 @@ def run(args, width: int, rule: bool, lr_mult: float = 1.0, wd_mult: float = 1.0
     loss, model, wall = train_char_lm(steps=args.steps, batch_size=args.batch_size,
                                       n_embd=width, lr=lr, weight_decay=wd, optimizer_kwargs=kw,
                                       seed=args.seed)
-    r = {"width": width, "base_width": args.base_width, "rule": rule, "lr_mult": lr_mult, "wd_mult": wd_mult, "lr": lr,
+    r = {"width": width, "base_width": args.base_width, "rule": rule, "lr_mult": lr_mult,
+         "wd_mult": wd_mult, "lr": lr,
          "weight_decay": wd, "steps": args.steps, "val_loss": loss, "wall_s": round(wall, 1),
          **top_singular(model)}
     print(f"w={width} rule={rule} lr x{lr_mult:g} wd x{wd_mult:g}: val {loss:.4f} "
@@ -101,7 +102,8 @@ def summarize(runs, args, init) -> dict:
         wd_line = {b: find(runs, w, True, 1.0, b)["val_loss"] for b in args.mults}
         v[f"best_lr_mult_w{w}"] = min(lr_line, key=lr_line.get)
         v[f"best_wd_mult_w{w}"] = min(wd_line, key=wd_line.get)
-    grid = {(a, b): find(runs, base, True, a, b)["val_loss"] for a in args.mults for b in args.mults}
+    grid = {(a, b): find(runs, base, True, a, b)["val_loss"]
+            for a in args.mults for b in args.mults}
     v[f"best_grid_lr_mult_w{base}"], v[f"best_grid_wd_mult_w{base}"] = min(grid, key=grid.get)
     v.update(base_lr=args.lr, base_weight_decay=args.weight_decay, steps=args.steps,
              batch_size=args.batch_size)
@@ -109,8 +111,8 @@ def summarize(runs, args, init) -> dict:
 
 
 def table(runs, args, init) -> str:
-    rows = ["| width | sigma at init | rule: sigma mean / max | rule: val | plain: sigma mean / max "
-            "| plain: val |", "|---|---|---|---|---|---|"]
+    rows = ["| width | sigma at init | rule: sigma mean / max | rule: val "
+            "| plain: sigma mean / max | plain: val |", "|---|---|---|---|---|---|"]
     for w in args.widths:
         a, b = find(runs, w, True), find(runs, w, False)
         rows.append(f"| {w} | {init[w]['sigma_mean']:.3f} | {a['sigma_mean']:.3f} / "
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.5, help="base decay")
     ap.add_argument("--mults", type=float, nargs="+", default=[0.5, 1.0, 2.0],
                     help="lr and decay multipliers of the transfer grid")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny budget, nothing written to docs/")

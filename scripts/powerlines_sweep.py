@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,31 @@ RECIPE = "powerlines_wd_lm"
 
 
 def optimum(lams: list[float], losses: list[float]) -> tuple[float, bool]:
-    """(lambda*, bracketed): vertex of the parabola in log lambda through the grid argmin and
-    its neighbours; the argmin itself when it lies on the edge of the grid."""
+    """(lambda*, bracketed): vertex of a least-squares parabola in log lambda through the grid
+    argmin and up to two neighbours on each side (one noisy point moves it less than a
+    three-point fit); the argmin itself when it lies on the edge of the grid or the fit opens
+    downwards."""
     i = int(np.argmin(losses))
     if i == 0 or i == len(lams) - 1:
         return lams[i], False
-    x = np.log(lams[i - 1:i + 2])
-    a, b, _ = np.polyfit(x, losses[i - 1:i + 2], 2)
-    return float(math.exp(-b / (2 * a))), True
+    lo, hi = max(0, i - 2), min(len(lams), i + 3)
+    a, b, _ = np.polyfit(np.log(lams[lo:hi]), losses[lo:hi], 2)
+    if a <= 0:
+        return lams[i], False
+    x = -b / (2 * a)
+    return float(math.exp(min(max(x, math.log(lams[lo])), math.log(lams[hi - 1])))), True
+
+
+def mean_over_seeds(runs: list[dict]) -> list[dict]:
+    """One row per (B, lambda): mean final val loss over the seeds run, and their spread."""
+    out = []
+    for B, lam in sorted({(r["batch_size"], r["weight_decay"]) for r in runs}):
+        rs = [r for r in runs if (r["batch_size"], r["weight_decay"]) == (B, lam)]
+        losses = [r["val_loss"] for r in rs]
+        out.append({"batch_size": B, "weight_decay": lam, "steps": rs[0]["steps"],
+                    "val_loss": float(np.mean(losses)), "n_seeds": len(rs),
+                    "seed_std": float(np.std(losses, ddof=1)) if len(rs) > 1 else math.nan})
+    return out
 
 
 def analyze(runs: list[dict], lr: float) -> dict:
@@ -105,13 +123,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--lambdas", type=float, nargs="+",
-                    default=[0.0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4])
+                    default=[0.0, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6])
     ap.add_argument("--tokens", type=int, default=16 * 64 * 1200, help="D, the same for every B")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--n-layer", type=int, default=2)
     ap.add_argument("--n-embd", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="each point is the mean final val loss over these seeds")
     ap.add_argument("--quick", action="store_true", help="tiny budget, nothing written to docs/")
     ap.add_argument("--out", default="runs/sweeps/powerlines")
     args = ap.parse_args(argv)
@@ -126,38 +145,49 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     runs = json.loads(path.read_text()) if path.exists() else []
-    key = lambda r: (r["batch_size"], r["weight_decay"], r["tokens"], r["lr"])
+    key = lambda r: (r["batch_size"], r["weight_decay"], r["tokens"], r["lr"], r.get("seed", 0))
     done = {key(r) for r in runs}
-    for B in args.batch_sizes:
-        steps = args.tokens // (B * args.block_size)
-        for lam in args.lambdas:
-            r = {"batch_size": B, "weight_decay": lam, "tokens": args.tokens, "lr": args.lr}
-            if key(r) in done:
-                continue
-            loss, _, wall = train_char_lm(steps=steps, batch_size=B, block_size=args.block_size,
-                                          n_layer=args.n_layer, n_embd=args.n_embd, lr=args.lr,
-                                          weight_decay=lam, seed=args.seed)
-            runs.append({**r, "steps": steps, "val_loss": loss, "wall_s": round(wall, 1)})
-            print(f"B={B} lambda={lam:g} steps={steps}: val {loss:.4f} ({wall:.0f}s)", flush=True)
-            path.write_text(json.dumps(runs, indent=1))
-    runs = [r for r in runs if r["tokens"] == args.tokens and r["lr"] == args.lr
-            and r["batch_size"] in args.batch_sizes and r["weight_decay"] in args.lambdas]
+    for seed in args.seeds:
+        for B in args.batch_sizes:
+            steps = args.tokens // (B * args.block_size)
+            for lam in args.lambdas:
+                r = {"batch_size": B, "weight_decay": lam, "tokens": args.tokens, "lr": args.lr,
+                     "seed": seed}
+                if key(r) in done:
+                    continue
+                loss, _, wall = train_char_lm(steps=steps, batch_size=B,
+                                              block_size=args.block_size, n_layer=args.n_layer,
+                                              n_embd=args.n_embd, lr=args.lr, weight_decay=lam,
+                                              seed=seed)
+                runs.append({**r, "steps": steps, "val_loss": loss, "wall_s": round(wall, 1)})
+                print(f"seed {seed} B={B} lambda={lam:g} steps={steps}: val {loss:.4f} "
+                      f"({wall:.0f}s)", flush=True)
+                path.write_text(json.dumps(runs, indent=1))
+    runs = mean_over_seeds([r for r in runs if r["tokens"] == args.tokens and r["lr"] == args.lr
+                            and r["batch_size"] in args.batch_sizes
+                            and r["weight_decay"] in args.lambdas
+                            and r.get("seed", 0) in args.seeds])
     summary = analyze(runs, args.lr)
     md = table(runs, summary)
     print(md, f"\nslope of log lambda* vs log B: {summary['slope_log_lambda_vs_log_B']:.3f}")
     if args.quick:
         return 0
-    cmd = "python -m scripts.powerlines_sweep"
+    given = sys.argv[1:] if argv is None else argv
+    cmd = " ".join(["python -m scripts.powerlines_sweep", *given])
     plot(runs, summary, args.lr, Path("docs/figures/powerlines_sweep.png"))
     Path("docs/figures/powerlines_sweep.md").write_text(
         f"# Power Lines sweep: batch size x weight decay\n\n`{cmd}`: {args.n_layer}x{args.n_embd} "
         f"char GPT, context {args.block_size}, AdamW lr {args.lr:g}, D = {args.tokens} tokens "
-        f"for every B (seed {args.seed}). Final validation loss; bold: grid argmin; lambda*: "
-        f"parabola vertex in log lambda; tau* = B / (eta lambda* D).\n\n{md}\n\nSlope of "
+        f"for every B. Final validation loss (mean over seeds {args.seeds}); bold: grid argmin; "
+        "lambda*: parabola vertex in log lambda; tau* = B / (eta lambda* D).\n\n"
+        f"{md}\n\nSlope of "
         f"log lambda* vs log B: {summary['slope_log_lambda_vs_log_B']:.3f} (paper: ~1).\n"
         "![](powerlines_sweep.png)\n")
     values = {"slope_log_lambda_vs_log_B": round(summary["slope_log_lambda_vs_log_B"], 3),
-              "tokens": args.tokens, "lr": args.lr}
+              "tokens": args.tokens, "lr": args.lr, "seeds": len(args.seeds)}
+    spread = [r["seed_std"] for r in runs if r["n_seeds"] > 1]
+    if spread:  # the noise floor the optimum has to be read against
+        values["seed_std_mean"] = round(float(np.mean(spread)), 4)
     for B, s in summary["per_batch"].items():
         values.update({f"lambda_star_B{B}": round(s["lambda_star"], 4),
                        f"tau_star_B{B}": round(s["tau_star"], 4),
