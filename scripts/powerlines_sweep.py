@@ -97,18 +97,25 @@ def plot(runs: list[dict], summary: dict, lr: float, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
     for B, s in summary["per_batch"].items():
-        pts = sorted((r["weight_decay"], r["val_loss"]) for r in runs
-                     if r["batch_size"] == B and r["weight_decay"] > 0)
-        lam, loss = map(np.array, zip(*pts))
-        line, = axes[0].plot(lam, loss, marker="o", label=f"B={B} ({s['steps']} steps)")
-        axes[1].plot(1 / (lr * lam * s["steps"]), loss, marker="o", color=line.get_color())
+        rs = sorted((r for r in runs if r["batch_size"] == B and r["weight_decay"] > 0),
+                    key=lambda r: r["weight_decay"])
+        lam = np.array([r["weight_decay"] for r in rs])
+        loss = np.array([r["val_loss"] for r in rs])
+        err = np.array([r.get("seed_std", math.nan) for r in rs])
+        err = None if np.isnan(err).all() else err
+        line = axes[0].errorbar(lam, loss, yerr=err, marker="o", capsize=2,
+                                label=f"B={B} ({s['steps']} steps)").lines[0]
+        # shapes overlaid: a fixed tau* puts every curve's minimum at the same abscissa
+        axes[1].errorbar(1 / (lr * lam * s["steps"]), loss - loss.min(), yerr=err, marker="o",
+                         capsize=2, color=line.get_color())
         for ax, x in ((axes[0], s["lambda_star"]), (axes[1], s["tau_star"])):
             ax.axvline(x, color=line.get_color(), ls=":", lw=1)
     axes[0].set_xlabel("weight decay lambda")
     axes[1].set_xlabel("tau = B / (eta lambda D)")
     axes[0].set_ylabel("final validation loss")
+    axes[1].set_ylabel("minus the best of its batch size")
     axes[0].set_title(f"log lambda* vs log B slope {summary['slope_log_lambda_vs_log_B']:.2f}")
     axes[1].set_title("same runs against the timescale tau")
     for ax in axes:
