@@ -7,7 +7,9 @@ lambda ~ sqrt(d) keeps it the same at every width d.
     python -m scripts.layerwise_widths --quick    # a smoke run, results under runs/ only
 
 Trains the 2-layer char GPT at widths 64, 128, 256 (head dim 32) with AdamW twice: with the
-rule ``{kind: layerwise, width: d, base_width: 64}`` and with plain shared lr and decay. At
+rule ``{kind: layerwise, width: d, base_width: 64}``, with plain shared lr and decay, and with
+muP's lr alone (eta ~ 1/d, lambda fixed: the rule with the base decay divided by sqrt(d / 64),
+which here also lowers the head's decay). At
 the end of each run the spectral monitor's measure gives ||W||_2 / sqrt(fan_out / fan_in) of
 every hidden matrix (the scale factor depends on the shape's aspect only, so equal values are
 equal top singular values); the same is measured at initialization. Transfer: an lr x decay
@@ -46,28 +48,35 @@ def at_init(width: int, seed: int) -> dict[str, float]:
                                       n_head=max(1, width // 32), n_embd=width))
 
 
-def run(args, width: int, rule: bool, lr_mult: float = 1.0, wd_mult: float = 1.0) -> dict:
+ARMS = {"layerwise": "layerwise rule", "plain": "plain (shared lr, decay)",
+        "mup_lr": "muP lr only (decay fixed)"}
+
+
+def run(args, width: int, arm: str, lr_mult: float = 1.0, wd_mult: float = 1.0) -> dict:
     lr, wd = args.lr * lr_mult, args.weight_decay * wd_mult
     kw = {"weight_decay_rule": {"kind": "layerwise", "width": width,
-                                "base_width": args.base_width}} if rule else {}
+                                "base_width": args.base_width}} if arm != "plain" else {}
+    if arm == "mup_lr":  # undo the rule's sqrt(d / d0) on the decay
+        wd /= (width / args.base_width) ** 0.5
     loss, model, wall = train_char_lm(steps=args.steps, batch_size=args.batch_size,
                                       n_embd=width, lr=lr, weight_decay=wd, optimizer_kwargs=kw,
                                       seed=args.seed)
-    r = {"width": width, "base_width": args.base_width, "rule": rule, "lr_mult": lr_mult,
+    r = {"width": width, "base_width": args.base_width, "arm": arm, "lr_mult": lr_mult,
          "wd_mult": wd_mult, "lr": lr,
          "weight_decay": wd, "steps": args.steps, "val_loss": loss, "wall_s": round(wall, 1),
          **top_singular(model)}
-    print(f"w={width} rule={rule} lr x{lr_mult:g} wd x{wd_mult:g}: val {loss:.4f} "
+    print(f"w={width} {arm} lr x{lr_mult:g} wd x{wd_mult:g}: val {loss:.4f} "
           f"sigma mean {r['sigma_mean']:.3f} max {r['sigma_max']:.3f} ({wall:.0f}s)", flush=True)
     return r
 
 
 def plan(args) -> list[tuple]:
-    jobs = [(w, rule, 1.0, 1.0) for w in args.widths for rule in (True, False)
-            if rule or w != args.base_width]  # at the base width the rule changes nothing
-    jobs += [(args.base_width, True, a, b) for a in args.mults for b in args.mults]
-    jobs += [(max(args.widths), True, a, 1.0) for a in args.mults]
-    jobs += [(max(args.widths), True, 1.0, b) for b in args.mults]
+    jobs = [(w, arm, 1.0, 1.0) for arm in ("layerwise", "plain") for w in args.widths
+            if arm == "layerwise" or w != args.base_width]  # the base width: all arms agree
+    jobs += [(args.base_width, "layerwise", a, b) for a in args.mults for b in args.mults]
+    jobs += [(max(args.widths), "layerwise", a, 1.0) for a in args.mults]
+    jobs += [(max(args.widths), "layerwise", 1.0, b) for b in args.mults]
+    jobs += [(w, "mup_lr", 1.0, 1.0) for w in args.widths if w != args.base_width]
     seen, out = set(), []
     for j in jobs:
         if j not in seen:
@@ -76,20 +85,20 @@ def plan(args) -> list[tuple]:
     return out
 
 
-def find(runs, width, rule, a=1.0, b=1.0):
-    """The run at (width, rule, lr multiplier, decay multiplier); at the base width the rule
-    changes nothing, so only its rule run exists."""
-    rule = rule or width == runs[0]["base_width"]
-    return next(r for r in runs if (r["width"], r["rule"], r["lr_mult"], r["wd_mult"])
-                == (width, rule, a, b))
+def find(runs, width, arm, a=1.0, b=1.0):
+    """The run at (width, arm, lr multiplier, decay multiplier); at the base width the arms
+    coincide, so only its layerwise run exists."""
+    arm = "layerwise" if width == runs[0]["base_width"] else arm
+    return next(r for r in runs if (r["width"], r["arm"], r["lr_mult"], r["wd_mult"])
+                == (width, arm, a, b))
 
 
 def summarize(runs, args, init) -> dict:
     base, top = args.base_width, max(args.widths)
     v = {}
-    for arm, rule in (("rule", True), ("plain", False)):
+    for arm in ARMS:
         for w in args.widths:
-            r = find(runs, w, rule)
+            r = find(runs, w, arm)
             v[f"sigma_mean_{arm}_w{w}"] = round(r["sigma_mean"], 4)
             v[f"sigma_max_{arm}_w{w}"] = round(r["sigma_max"], 4)
             v[f"val_loss_{arm}_w{w}"] = round(r["val_loss"], 4)
@@ -98,11 +107,11 @@ def summarize(runs, args, init) -> dict:
     for w in args.widths:
         v[f"sigma_mean_init_w{w}"] = round(init[w]["sigma_mean"], 4)
     for w in (base, top):
-        lr_line = {a: find(runs, w, True, a, 1.0)["val_loss"] for a in args.mults}
-        wd_line = {b: find(runs, w, True, 1.0, b)["val_loss"] for b in args.mults}
+        lr_line = {a: find(runs, w, "layerwise", a, 1.0)["val_loss"] for a in args.mults}
+        wd_line = {b: find(runs, w, "layerwise", 1.0, b)["val_loss"] for b in args.mults}
         v[f"best_lr_mult_w{w}"] = min(lr_line, key=lr_line.get)
         v[f"best_wd_mult_w{w}"] = min(wd_line, key=wd_line.get)
-    grid = {(a, b): find(runs, base, True, a, b)["val_loss"]
+    grid = {(a, b): find(runs, base, "layerwise", a, b)["val_loss"]
             for a in args.mults for b in args.mults}
     v[f"best_grid_lr_mult_w{base}"], v[f"best_grid_wd_mult_w{base}"] = min(grid, key=grid.get)
     v.update(base_lr=args.lr, base_weight_decay=args.weight_decay, steps=args.steps,
@@ -111,21 +120,19 @@ def summarize(runs, args, init) -> dict:
 
 
 def table(runs, args, init) -> str:
-    rows = ["| width | sigma at init | rule: sigma mean / max | rule: val "
-            "| plain: sigma mean / max | plain: val |", "|---|---|---|---|---|---|"]
+    rows = ["| width | sigma at init | " + " | ".join(f"{a}: sigma mean / max | {a}: val"
+                                                     for a in ARMS) + " |", "|---" * 8 + "|"]
     for w in args.widths:
-        a, b = find(runs, w, True), find(runs, w, False)
-        rows.append(f"| {w} | {init[w]['sigma_mean']:.3f} | {a['sigma_mean']:.3f} / "
-                    f"{a['sigma_max']:.3f} | {a['val_loss']:.4f} | {b['sigma_mean']:.3f} / "
-                    f"{b['sigma_max']:.3f} | {b['val_loss']:.4f} |")
+        cells = [f"{r['sigma_mean']:.3f} / {r['sigma_max']:.3f} | {r['val_loss']:.4f}"
+                 for r in (find(runs, w, a) for a in ARMS)]
+        rows.append(f"| {w} | {init[w]['sigma_mean']:.3f} | " + " | ".join(cells) + " |")
     rows += ["", "| width | " + " | ".join(f"lr x{a:g}" for a in args.mults) + " | "
              + " | ".join(f"decay x{b:g}" for b in args.mults) + " |",
              "|---" * (2 * len(args.mults) + 1) + "|"]
     for w in (args.base_width, max(args.widths)):
-        rows.append(f"| {w} (rule) | " + " | ".join(
-            f"{find(runs, w, True, a, 1.0)['val_loss']:.4f}" for a in args.mults) + " | "
-            + " | ".join(f"{find(runs, w, True, 1.0, b)['val_loss']:.4f}" for b in args.mults)
-            + " |")
+        lr_line = [find(runs, w, "layerwise", a, 1.0)["val_loss"] for a in args.mults]
+        wd_line = [find(runs, w, "layerwise", 1.0, b)["val_loss"] for b in args.mults]
+        rows.append(f"| {w} (rule) | " + " | ".join(f"{x:.4f}" for x in lr_line + wd_line) + " |")
     return "\n".join(rows)
 
 
@@ -135,9 +142,9 @@ def plot(runs, args, init, path: Path) -> None:
     import matplotlib.pyplot as plt
     ws = args.widths
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.5))
-    for rule, label in ((True, "layerwise rule"), (False, "plain (shared lr, decay)")):
-        ax[0].plot(ws, [find(runs, w, rule)["sigma_mean"] for w in ws], marker="o", label=label)
-        ax[1].plot(ws, [find(runs, w, rule)["val_loss"] for w in ws], marker="o", label=label)
+    for arm, label in ARMS.items():
+        ax[0].plot(ws, [find(runs, w, arm)["sigma_mean"] for w in ws], marker="o", label=label)
+        ax[1].plot(ws, [find(runs, w, arm)["val_loss"] for w in ws], marker="o", label=label)
     ax[0].plot(ws, [init[w]["sigma_mean"] for w in ws], marker="x", ls="--", label="at init")
     ax[0].set_ylabel("mean ||W||_2 / sqrt(fan_out/fan_in)")
     ax[1].set_ylabel("final validation loss")
@@ -146,9 +153,9 @@ def plot(runs, args, init, path: Path) -> None:
         a.set_xlabel("width d")
         a.legend(fontsize=8)
     for w, ls in ((args.base_width, "-"), (max(args.widths), "--")):
-        ax[2].plot(args.mults, [find(runs, w, True, m, 1.0)["val_loss"] for m in args.mults],
+        ax[2].plot(args.mults, [find(runs, w, "layerwise", m, 1.0)["val_loss"] for m in args.mults],
                    ls=ls, marker="o", color="C0", label=f"lr x, width {w}")
-        ax[2].plot(args.mults, [find(runs, w, True, 1.0, m)["val_loss"] for m in args.mults],
+        ax[2].plot(args.mults, [find(runs, w, "layerwise", 1.0, m)["val_loss"] for m in args.mults],
                    ls=ls, marker="s", color="C3", label=f"decay x, width {w}")
     ax[2].set_xscale("log", base=2)
     ax[2].set_xlabel("multiplier of the base lr / decay (rule on)")
@@ -187,8 +194,11 @@ def main(argv=None) -> int:
               "base_weight_decay": args.weight_decay, "batch_size": args.batch_size,
               "seed": args.seed}
     runs = [r for r in runs if r["config"] == config]  # a changed setting starts afresh
+    for r in runs:  # results written before the third arm: rule on / off
+        if "arm" not in r:
+            r["arm"] = "layerwise" if r.pop("rule") else "plain"
     for job in plan(args):
-        if any((r["width"], r["rule"], r["lr_mult"], r["wd_mult"]) == job for r in runs):
+        if any((r["width"], r["arm"], r["lr_mult"], r["wd_mult"]) == job for r in runs):
             continue
         runs.append({**run(args, *job), "config": config})
         path.write_text(json.dumps(runs, indent=1))
