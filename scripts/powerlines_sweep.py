@@ -82,14 +82,16 @@ def analyze(runs: list[dict], lr: float) -> dict:
 def table(runs: list[dict], summary: dict) -> str:
     lams = sorted({r["weight_decay"] for r in runs})
     rows = ["| B | steps | " + " | ".join(f"lambda {x:g}" for x in lams)
-            + " | lambda* | tau* |", "|---" * (len(lams) + 4) + "|"]
+            + " | lambda* | tau* | seed std |", "|---" * (len(lams) + 5) + "|"]
     for B, s in summary["per_batch"].items():
         got = {r["weight_decay"]: r["val_loss"] for r in runs if r["batch_size"] == B}
         cells = [("**%.4f**" if x == s["lambda_grid_argmin"] else "%.4f") % got[x]
                  if x in got else "-" for x in lams]
         star = f"{s['lambda_star']:.3g}" + ("" if s["bracketed"] else " (edge)")
+        spread = np.nanmean([r.get("seed_std", math.nan) for r in runs if r["batch_size"] == B]
+                            or [math.nan])
         rows.append(f"| {B} | {s['steps']} | " + " | ".join(cells)
-                    + f" | {star} | {s['tau_star']:.3g} |")
+                    + f" | {star} | {s['tau_star']:.3g} | {spread:.3f} |")
     return "\n".join(rows)
 
 
@@ -201,6 +203,9 @@ def main(argv=None) -> int:
                        f"bracketed_B{B}": s["bracketed"],
                        f"best_val_loss_B{B}": round(s["best_val_loss"], 4),
                        f"val_loss_no_decay_B{B}": round(s["val_loss_no_decay"], 4)})
+        spread = [r["seed_std"] for r in runs if r["batch_size"] == B and r["n_seeds"] > 1]
+        if spread:
+            values[f"seed_std_B{B}"] = round(float(np.mean(spread)), 4)
     Path("docs/results").mkdir(parents=True, exist_ok=True)
     Path(f"docs/results/{RECIPE}.json").write_text(json.dumps(
         {"recipe": RECIPE, "command": cmd, "values": values}, indent=1) + "\n")
