@@ -21,6 +21,7 @@ get lambda = 0; embeddings and the head keep the base values.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 RULES = ("power_lines", "layerwise")
@@ -84,6 +85,10 @@ def apply_weight_decay_rule(groups: list[dict[str, Any]], lr: float, rule: dict[
         for g in groups:
             decayed = g.get("kind", "hidden") in _DECAYED
             wd = weight_decay_from_tau(tau, g.get("lr", lr), **rule) if decayed else 0.0
+            if g.get("lr", lr) * wd >= 1:  # (1 - eta lambda) <= 0: each step wipes the weights
+                warnings.warn(f"power_lines rule: tau={tau} of a run this short gives eta * "
+                              f"lambda = {g.get('lr', lr) * wd:.3g} >= 1 (tau * steps <= 1 step); "
+                              "lengthen the run or raise tau", stacklevel=2)
             out.append({**g, "weight_decay": wd})
         return out
     extra = sorted(set(rule) - {"width", "base_width"})

@@ -107,3 +107,67 @@ def test_layerwise_needs_factory_groups():
         optimizers.build_optimizer(list(_Net().parameters()), "adamw", lr=1e-3,
                                    weight_decay_rule={"kind": "layerwise", "width": 2,
                                                       "base_width": 1})
+
+
+def test_adamw_relaxes_to_its_fixed_point_with_timescale_tau():
+    # constant gradient: Adam's normalized step is a constant u (|u| = eta), so the weights are
+    # an EMA of -u / (eta lambda) with per-step factor (1 - eta lambda); counting steps until
+    # the gap to that fixed point is down by e^-1 gives tau * steps (Power Lines' timescale)
+    steps, lr, tau = 500, 0.02, 0.1
+    lam = weight_decay_from_tau(tau, lr, batch_size=8 * 64, dataset_size=steps * 8 * 64)
+    p = nn.Parameter(torch.full((4,), 3.0, dtype=torch.float64))
+    g = torch.tensor([1.0, -2.0, 0.5, 4.0], dtype=torch.float64)
+    opt = torch.optim.AdamW([p], lr=lr, weight_decay=lam, betas=(0.0, 0.99))
+    fixed = -torch.sign(g) / lam  # where decay and the unit-size Adam step balance
+    gap0, n = (p.detach() - fixed).abs(), 0
+    while ((p.detach() - fixed).abs() > gap0 / math.e).any():
+        p.grad = g.clone()
+        opt.step()
+        n += 1
+    assert abs(n - tau * steps) <= 1 + 0.02 * tau * steps
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_cli_recipe_applies_lambda_from_tau_of_its_run(accumulate, tmp_path, monkeypatch):
+    # the recipe through the CLI: lambda on the decayed groups equals B / (eta tau D) for the
+    # run's effective batch B (sequences x accumulation) and tokens D = optimizer steps x B x T
+    from toolkit.cli import RECIPES, main
+    import yaml
+    monkeypatch.chdir(tmp_path)
+    recipe = RECIPES / "powerlines_wd_lm.yaml"
+    cfg = yaml.safe_load(recipe.read_text())["model"]["init_args"]
+    steps, batch, T = 3, 4, cfg["block_size"]
+    main(["fit", "--config", str(recipe), "--trainer.max_steps", str(steps),
+          "--trainer.accumulate_grad_batches", str(accumulate), "--data.batch_size", str(batch),
+          "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "3"])
+    ckpt = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=False)
+    groups = {g["kind"]: g for g in ckpt["optimizer_states"][0]["param_groups"]}
+    B, D = batch * accumulate, steps * accumulate * batch * T
+    tau, lr = cfg["optimizer_kwargs"]["weight_decay_rule"]["tau"], cfg["lr"]
+    for kind in ("hidden", "head"):
+        assert groups[kind]["weight_decay"] == pytest.approx(B * T / (lr * tau * D))
+    assert groups["embedding"]["weight_decay"] == groups["gain"]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("width", [64, 128, 256])
+def test_layerwise_rule_on_the_gpt_across_widths(width):
+    # the LanguageModel's own groups at widths 64-256 against base width 64: hidden lr x 64/d,
+    # hidden decay x sqrt(d / 64), head and embedding unchanged, gains decay-free
+    from toolkit import LanguageModel
+    lr, wd = 0.01, 0.5
+    model = LanguageModel(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=width,
+                          lr=lr, weight_decay=wd, lr_decay="constant", optimizer_kwargs={
+                              "weight_decay_rule": {"kind": "layerwise", "width": width,
+                                                    "base_width": 64}})
+    opt = model.configure_optimizers()["optimizer"]
+    got = {g["kind"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}
+    assert got["hidden"] == (pytest.approx(lr * 64 / width), pytest.approx(wd * (width / 64) ** 0.5))
+    assert got["head"] == (lr, wd) and got["embedding"] == (lr, 0.0) and got["gain"][1] == 0.0
+    n_hidden = sum(len(g["params"]) for g in opt.param_groups if g["kind"] == "hidden")
+    assert n_hidden == 2 * 4  # qkv, attention out, mlp in, mlp out per block: all get the rule
+
+
+def test_power_lines_warns_when_a_step_would_wipe_the_weights():
+    with pytest.warns(UserWarning, match="tau \\* steps <= 1"):
+        optimizers.build_optimizer(_Net(), "adamw", lr=0.1,
+                                   weight_decay_rule={"kind": "power_lines", "tau": 0.5, "steps": 2})

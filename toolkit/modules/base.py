@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 
 import optimizers
 
@@ -105,6 +106,14 @@ class ClassifierSteps:
         self._step(batch, self.test_metrics, "test")
 
 
+def describe_rule(rule: dict[str, Any], opt: torch.optim.Optimizer) -> str:
+    """One line naming the lr and weight decay a ``weight_decay_rule`` gave each group kind."""
+    got = {g.get("kind", "all"): (g.get("lr", math.nan), g.get("weight_decay", 0.0))
+           for g in opt.param_groups}
+    groups = ", ".join(f"{k}: lr {lr:.4g} weight_decay {wd:.4g}" for k, (lr, wd) in got.items())
+    return f"weight_decay_rule {rule} -> {groups}"
+
+
 class TrainModule(L.LightningModule):
     """Builds its optimizer with :func:`optimizers.build_optimizer` and a warmup+decay schedule.
     ``lr=None`` takes the optimizer's own registered default (``toolkit optimizers``)."""
@@ -125,6 +134,8 @@ class TrainModule(L.LightningModule):
             kwargs["weight_decay_rule"] = {**rule, "steps": total}  # B / D of this run: 1 / steps
         opt = optimizers.build_optimizer(self, hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
                                          **kwargs)
+        if rule:  # the decay a rule chose is otherwise visible nowhere
+            rank_zero_info(describe_rule(kwargs["weight_decay_rule"], opt))
         if not math.isfinite(total):
             if hp.lr_decay != "constant":
                 raise ValueError("an lr decay needs a known step budget: set trainer.max_steps "
