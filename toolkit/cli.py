@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     if print_applied:
         args = [a for a in args if a != "--print_config"]
         argv = args
+        # we hand LightningCLI argv without the flag; its warning that argv and sys.argv differ
+        # is about this, not about the user's command
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     try:
         ToolkitCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
                    subclass_mode_data=True, seed_everything_default=0, args=argv,
