@@ -78,10 +78,8 @@ class OptimizerRecord:
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise ValueError for options this optimizer would reject or silently ignore."""
-        for key in options:
-            if key in self.refused:
-                raise ValueError(f"optimizer {self.name!r} does not use {key!r}: "
-                                 f"{self.refused[key]}. Remove it from optimizer_kwargs.")
+        refuse_unused(self.optimizer_class, options, f"optimizer {self.name!r}",
+                      " Remove it from optimizer_kwargs.")
         accepted = self.options()
         if accepted is None:
             return
@@ -111,13 +109,15 @@ class OptimizerRecord:
 OPTIMIZERS: dict[str, OptimizerRecord] = {}
 
 
-def refuse_unused(optimizer_class: type, options: Mapping[str, Any]) -> None:
+def refuse_unused(optimizer_class: type | None, options: Mapping[str, Any],
+                  label: str | None = None, fix: str = "") -> None:
     """Raise on an option a subclass inherits but does not use (listed in its
     ``refused_options``, name -> reason), instead of ignoring it silently."""
     refused = getattr(optimizer_class, "refused_options", {})
     for key in options:
         if key in refused:
-            raise ValueError(f"{optimizer_class.__name__} does not use {key!r}: {refused[key]}")
+            raise ValueError(f"{label or optimizer_class.__name__} does not use {key!r}: "
+                             f"{refused[key]}.{fix}")
 
 
 def register(name: str, target: type | Callable | None = None, *, lr: float | None = None,
