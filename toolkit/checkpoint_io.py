@@ -47,3 +47,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options "
                             f"for a local path; got {storage_options!r}")
         atomic_save(checkpoint, path)
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``version_*/checkpoints/last*.ckpt`` of a run folder: a file, or the folder
+    torch.distributed.checkpoint writes under ``--trainer.strategy fsdp2``; None if there is none."""
+    found = [p for p in Path(run_dir).glob("version_*/checkpoints/last*.ckpt")
+             if p.is_file() or (p / "meta.pt").is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None

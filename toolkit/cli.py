@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from .callbacks import FiniteGuard, PlainProgress, RNGState
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, last_checkpoint
 from .runtime import check_threads, quiet_known_noise
 
 quiet_known_noise()
@@ -65,13 +65,6 @@ def _config_name(argv: list[str]) -> str:
         if a.startswith("--config="):
             return Path(a.split("=", 1)[1]).stem
     return "default"
-
-
-def _last_checkpoint(run_dir: Path) -> Path | None:
-    # a file, or the folder torch.distributed.checkpoint writes under --trainer.strategy fsdp2
-    found = [p for p in run_dir.glob("version_*/checkpoints/last*.ckpt")
-             if p.is_file() or (p / "meta.pt").is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 class UsageError(ValueError):
@@ -123,7 +116,7 @@ class ToolkitCLI(LightningCLI):
             self._print_applied_config(cfg)
         self._resume_version = None
         if cfg.get("ckpt_path") == "last":
-            last = _last_checkpoint(Path(self.runs_root) / self.run_name)
+            last = last_checkpoint(Path(self.runs_root) / self.run_name)
             if last is not None:
                 cfg["ckpt_path"] = str(last)
                 self._resume_version = last.parent.parent.name

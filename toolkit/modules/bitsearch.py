@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import lightning as L
@@ -33,8 +32,10 @@ import optimizers
 from optimizers import budget_dp
 from optimizers.rco import gumbel_straight_through
 
+from ..checkpoint_io import last_checkpoint
 from ..models import GPT, GPTConfig
 from ..models.quant import bit_costs, wrap_linears
+from ..seeding import generator
 from .base import cross_entropy
 
 
@@ -43,14 +44,13 @@ def resolve_checkpoint(path: str) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    found = sorted(p.glob("version_*/checkpoints/last.ckpt"),
-                   key=lambda c: int(re.sub(r"\D", "", c.parts[-3]) or 0))
-    if not found:
+    found = last_checkpoint(p)
+    if found is None or not found.is_file():
         raise FileNotFoundError(
             f"BitWidthSearch: no checkpoint at {path!r} (a .ckpt file or a run folder with "
             f"version_N/checkpoints/last.ckpt); train the model first: python -m toolkit fit "
             f"--config recipes/quickstart.yaml")
-    return found[-1]
+    return found
 
 
 def load_gpt(path: Path) -> GPT:
@@ -153,7 +153,7 @@ class BitWidthSearch(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         # a generator per step: the sample is a function of (seed, step), so resume is exact
-        gen = torch.Generator().manual_seed(self.hparams.sample_seed * 1_000_003 + self.global_step)
+        gen = generator(self.hparams.sample_seed, self.global_step)
         if self.hparams.method == "rco":
             onehot, _ = gumbel_straight_through(self.logits, self._tau(), gen, costs=self.costs,
                                                 budget=self.budget)
