@@ -26,10 +26,18 @@ def train_char_lm(*, steps: int, batch_size: int, block_size: int = 64, n_layer:
                           min_lr_ratio=0.1)
     data = TextDataModule(block_size=block_size, batch_size=batch_size, val_blocks=val_blocks,
                           seed=seed)
+    val_loss, wall = fit_quietly(model, data, steps)
+    return val_loss, model, wall
+
+
+def fit_quietly(model, data, steps: int, limit_val_batches: int | float | None = None
+                ) -> tuple[float, float]:
+    """(final val loss, wall seconds) of ``steps`` training steps under a bare CPU Trainer (no
+    logger, checkpoints or progress bar), validating once at the end."""
     trainer = L.Trainer(max_steps=steps, val_check_interval=steps, check_val_every_n_epoch=None,
-                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", devices=1)
+                        limit_val_batches=limit_val_batches, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
     t0 = time.perf_counter()
     trainer.fit(model, data)
-    return float(trainer.callback_metrics["val/loss"]), model, time.perf_counter() - t0
+    return float(trainer.callback_metrics["val/loss"]), time.perf_counter() - t0

@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
 
+from scripts.lm_run import fit_quietly
 from toolkit import LanguageModel, TextDataModule
 from toolkit.models import MoEConfig, MoEMLP
 from toolkit.monitors.stability import stability_indicators
@@ -73,16 +73,8 @@ def train(moe: dict | None, steps: int | None) -> dict:
     L.seed_everything(0, verbose=False)
     model = LanguageModel(**{**model_args, "moe": moe})
     data = TextDataModule(**data_args)
-    max_steps = steps or trainer_args["max_steps"]
-    trainer = L.Trainer(max_steps=max_steps, val_check_interval=max_steps,
-                        check_val_every_n_epoch=None,
-                        limit_val_batches=trainer_args["limit_val_batches"],
-                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", devices=1)
-    t0 = time.perf_counter()
-    trainer.fit(model, data)
-    wall = time.perf_counter() - t0
+    val_loss, wall = fit_quietly(model, data, steps or trainer_args["max_steps"],
+                                 trainer_args["limit_val_batches"])
     scale = model.model.blocks[0].branch_scale
     model.eval()
     rms, load = [], []
@@ -92,7 +84,7 @@ def train(moe: dict | None, steps: int | None) -> dict:
         ind = stability_indicators(model.model, x)
         rms.append(ind["mlp_rms/mean"] / scale)
         load.append(ind.get("expert_load/mean", float("nan")))
-    out = {"val_loss": float(trainer.callback_metrics["val/loss"]),
+    out = {"val_loss": val_loss,
            "mlp_rms": sum(rms) / len(rms), "expert_load": sum(load) / len(load),
            "train_s": round(wall, 1),
            "active_mlp_params": active_mlp_params(model)}
