@@ -165,34 +165,41 @@ def contrastive(out, y):
     return F.cross_entropy(z @ z.T / 0.1, torch.arange(len(z)))
 
 
-@pytest.mark.parametrize("case,match", [
-    ("center", "example independence"),
-    ("functional_bn", "example independence"),
-    ("contrastive", "example independence"),
-    ("buffer", "buffers"),
-    ("max_norm", "max_norm"),
-])
-def test_example_mixing_and_data_dependent_writes_are_refused(case, match):
+def test_batch_statistics_that_fail_on_one_example_are_refused_with_the_reason():
+    m = Plain(nn.Sequential(nn.Linear(6, 8), FunctionalBN(), nn.Linear(8, 3)))
+    w0 = flat(m)
+    with pytest.raises(PrivacyError, match="fails on a batch of one"):
+        fit(m, X, Y, [dp()])
+    assert torch.equal(flat(m), w0)
+
+
+@pytest.mark.parametrize("case", ["center", "contrastive"])
+def test_steps_that_mix_examples_are_computed_alone_within_c(case):
+    """Batch statistics and in-batch losses couple examples on the step they run: that
+    step's per-example gradients are computed with every example alone (issue 23)."""
+    def make():
+        torch.manual_seed(0)
+        if case == "center":
+            return Plain(nn.Sequential(nn.Linear(6, 8), Centered(), nn.Tanh(), nn.Linear(8, 3)))
+        return Plain(mlp(), loss=contrastive)
+    assert sensitivity(make, X, Y) <= C * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("case,match", [("buffer", "outlives the step"), ("max_norm", "max_norm")])
+def test_data_dependent_writes_are_refused(case, match):
     torch.manual_seed(0)
-    x, y, loss = X, Y, None
-    if case == "center":
-        net = nn.Sequential(nn.Linear(6, 8), Centered(), nn.Tanh(), nn.Linear(8, 3))
-    elif case == "functional_bn":
-        net = nn.Sequential(nn.Linear(6, 8), FunctionalBN(), nn.Linear(8, 3))
-    elif case == "contrastive":
-        net, loss = mlp(), contrastive
-    elif case == "buffer":
+    x, y = X, Y
+    if case == "buffer":
         net = nn.Sequential(RunningMean(6), nn.Linear(6, 3))
     else:
         net = nn.Sequential(nn.Embedding(20, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 3))
         x = torch.randint(0, 20, (8, 3))
-    m = Plain(net, loss=loss)
+    m = Plain(net)
     w0 = flat(m)
     with pytest.raises(PrivacyError, match=match):
         fit(m, x, y, [dp()])
-    if case != "max_norm":  # the probe left nothing behind
-        assert torch.equal(flat(m), w0)
-        assert all(torch.equal(b, torch.zeros_like(b)) for b in m.buffers())
+    assert torch.equal(flat(m), w0)
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in m.buffers())
 
 
 def two_views(items):
@@ -206,11 +213,13 @@ def mixing_collate(items):
     return 0.5 * (x + x.roll(1, 0)), torch.stack([i[1] for i in items])
 
 
-@pytest.mark.parametrize("collate,match", [(two_views, "one row"),
-                                           (mixing_collate, "depend on other examples")])
-def test_collate_functions_that_add_or_mix_rows_are_refused(collate, match):
-    with pytest.raises(PrivacyError, match=match):
-        fit(Plain(mlp()), X, Y, [dp()], collate_fn=collate)
+def test_a_collate_function_that_adds_rows_is_refused():
+    with pytest.raises(PrivacyError, match="rows but the Poisson draw"):
+        fit(Plain(mlp()), X, Y, [dp()], collate_fn=two_views)
+
+
+def test_a_collate_function_that_mixes_rows_is_computed_alone_within_c():
+    assert sensitivity(lambda: Plain(mlp()), X, Y, collate_fn=mixing_collate) <= C * (1 + 1e-4)
 
 
 def test_a_tensor_dataset_keeps_the_users_collate_fn():
@@ -477,16 +486,14 @@ class Pooled(L.LightningModule):
 
 
 @pytest.mark.parametrize("masked", [True, False])
-def test_padding_to_the_longest_example_is_accepted_only_when_masked(masked):
+def test_padding_to_the_longest_example_trains_each_example_alone(masked):
+    """Masked or not, a padded row is not its example collated alone, so each step runs
+    with every example alone (tests/test_dp_every_step.py measures the unmasked case)."""
     t = L.Trainer(callbacks=[dp()], max_steps=2, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     dl = DataLoader(Ragged(), batch_size=4, collate_fn=pad_to_longest)
-    if masked:
-        t.fit(Pooled(True), dl)
-        assert t.global_step == 2
-    else:
-        with pytest.raises(PrivacyError, match="not exact"):
-            t.fit(Pooled(False), dl)
+    t.fit(Pooled(masked), dl)
+    assert t.global_step == 2
 
 
 FSDP2_DP = """

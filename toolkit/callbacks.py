@@ -101,14 +101,25 @@ class FiniteGuard(L.Callback):
     last good one. The error names the step, the batch and, for gradients, the parameters.
 
     Gradients are not checked under fp16 mixed precision: its GradScaler already skips steps
-    with overflowing gradients and lowers the scale, which is its normal operation."""
+    with overflowing gradients and lowers the scale, which is its normal operation.
+
+    Under a callback that privatizes gradients (``privatizes_gradients``, e.g. DPSGD) the
+    loss is private: one example's non-finite loss would stop the run at a data-dependent
+    step. Then only the released, noised update is checked (DPSGD writes it after the
+    backward, before any ``on_before_optimizer_step``)."""
 
     _batch_idx = -1
+    _private = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._private = any(getattr(cb, "privatizes_gradients", False) for cb in trainer.callbacks)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_idx = batch_idx
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self._private:
+            return
         if not bool(torch.isfinite(loss.detach()).all()):
             self._stop(trainer, f"the loss is {loss.detach().flatten()[:4].tolist()}")
 

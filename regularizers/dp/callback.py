@@ -26,6 +26,7 @@ from .loader import private_loader, why_not_once_per_pass
 from .mechanism import CLIPPING, privatize_
 from .per_sample import PerSampleGradients
 from .probe import batch_rows, probe_module
+from .step import StepGuard
 from .report import build_report, publish, without_training_metrics
 from .sampling import fresh_seed, step_generator
 from .validate import (check_callbacks, check_not_sharded, check_number, check_optimizers,
@@ -45,7 +46,8 @@ class DPSGD(L.Callback):
         clipping: ``flat`` (one norm per example) or ``per_layer`` (C/sqrt(K) per tensor).
         sampling: ``poisson`` (default; replaces the training loader) or ``shuffle`` (keep
             the loader; the weaker no-amplification analysis is used and reported).
-        loss_reduction: how ``training_step``'s loss reduces over examples (``mean``/``sum``).
+        loss_reduction: kept for old configs; the reduction is now read from the step that
+            runs (:mod:`.rows`): example i's loss is the mean (or sum) of its own entries.
         hide_training_metrics: drop what the module logs from training hooks (the loss of
             a private batch is a release the epsilon does not cover).
         probe_examples: training examples the fit-start probe reads (:mod:`.probe`).
@@ -53,6 +55,8 @@ class DPSGD(L.Callback):
             recompute batches and noise, so the guarantee holds only while it is secret;
             the default draws fresh OS entropy.
     """
+
+    privatizes_gradients = True  # FiniteGuard then checks only the released update
 
     def __init__(self, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float = 1e-5, max_grad_norm: float = 1.0, accountant: str = "prv",
@@ -139,14 +143,18 @@ class DPSGD(L.Callback):
             raise PrivacyError("LBFGS evaluates the loss several times per step, each evaluation "
                                "a release of its own: use a first-order optimizer with DPSGD")
         check_not_sharded(pl_module, trainer.strategy)
-        self.engine = PerSampleGradients(pl_module, self.loss_reduction)
+        # the step's loss is canonicalized to a per-example sum (.rows), so no 1/B to undo
+        self.engine = PerSampleGradients(pl_module, "sum")
         self.engine.skip_weight_grads = trainer.world_size == 1
+        self.guard = StepGuard(self, trainer, pl_module)
         self._recheck_trainable(trainer)
 
-    def _recheck_trainable(self, trainer) -> None:
+    def _recheck_trainable(self, trainer, probe: bool = False) -> None:
         now = frozenset(id(p) for p in self.engine.params)
         if now != self._trainable:
             self.engine.check()
+            if probe:  # a newly trainable weight used outside its module would lose a part
+                self._probe(trainer, trainer.lightning_module)
             self._trainable = now
         check_optimizers(trainer.optimizers, self.engine.params)
 
@@ -196,8 +204,15 @@ class DPSGD(L.Callback):
 
     def _probe(self, trainer, pl_module) -> None:
         loader = self.data.loader
-        probe_module(pl_module, self.engine, loader.dataset, loader.collate_fn,
-                     self.probe_examples, trainer.strategy.batch_to_device)
+        collate = getattr(loader, "_collate", None) or loader.collate_fn
+
+        def to_device(batch):  # the path a training batch takes (true-precision casts too)
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        with trainer.precision_plugin.train_step_context():
+            probe_module(pl_module, self.engine, loader.dataset, collate, self.probe_examples,
+                         to_device, step=self.guard.original)
 
     # ------------------------------------------------------------------ per step
     def _charges_now(self) -> bool:
@@ -209,36 +224,50 @@ class DPSGD(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         check_step(trainer)
         self._check_delta()
-        self._recheck_trainable(trainer)
+        self._recheck_trainable(trainer, probe=True)
         if self._charges_now() and not self.budget.allows(self.sigma, self.sample_rate):
             raise PrivacyError(f"one more step would spend more than target_epsilon="
                                f"{self.target_epsilon}; training must stop here")
         self._privatized = 0
+        self._stepped = False
         self.engine.clear()
         self.engine.capturing = True
         self.engine.batch_size = batch_rows(batch)
+        self.guard.begin(batch)
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_after_backward(self, trainer, pl_module) -> None:
+        # here rather than before the optimizer step: every callback's on_after_backward runs
+        # before any on_before_optimizer_step, so nothing (FiniteGuard, a monitor) reads the
+        # raw gradient whatever the callback order
         self.engine.capturing = False
         self._privatized += 1
         if self._privatized > 1:
-            raise PrivacyError(f"{type(optimizer).__name__} evaluated its closure more than once "
-                               "in one step: each evaluation is a release of its own, which one "
-                               "noise draw does not cover; use a first-order optimizer")
-        check_optimizers(trainer.optimizers, self.engine.params)
+            raise PrivacyError("the optimizer evaluated its closure more than once in one step: "
+                               "each evaluation is a release of its own, which one noise draw "
+                               "does not cover; use a first-order optimizer")
+        clipped = self.guard.finish()  # the isolated path's sum, or None: the hooks' pieces
         gen = step_generator(self._noise_seed, trainer.global_step, stream=1)
         self.last_step = privatize_(self.engine, self.max_grad_norm, self.sigma,
                                     self.data.expected_batch_size, self.clipping, gen,
-                                    add_noise=trainer.is_global_zero)
+                                    add_noise=trainer.is_global_zero,
+                                    clipped=clipped)
         if self._charges_now():
             self.budget.add(self.sigma, self.sample_rate)
             self._pass_counted = True
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self._privatized:
+            raise PrivacyError("the optimizer steps without a backward DP-SGD saw (a manual "
+                               "backward, or a closure that skips it): nothing was privatized")
+        self._stepped = True
+        check_optimizers(trainer.optimizers, self.engine.params)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.engine.capturing = False
         backward = any(c.rows is not None for calls in self.engine._calls.values() for c in calls)
         self.engine.clear()
-        if backward and not self._privatized:
+        self.guard.end()
+        if backward and not self._stepped:
             raise PrivacyError("a backward pass ran without an optimizer step: the raw gradient "
                                "stays in .grad for the next step; DP-SGD needs one optimizer "
                                "step per batch")
@@ -274,6 +303,9 @@ class DPSGD(L.Callback):
 
     def _restore(self, pl_module) -> None:
         """Leave the module as it was: no hooks, no instance attributes of ours."""
+        if getattr(self, "guard", None) is not None:
+            self.guard.remove()
+            self.guard = None
         if self.engine is not None:
             self.engine.remove()
             self.engine = None

@@ -77,6 +77,10 @@ class PerSampleGradients:
         self.how: dict[str, str] = {}
         self.capturing = False
         self.batch_size: int | None = None  # the step's batch size, when known
+        # a backward inside the training step (adversarial training's autograd.grad) fires
+        # the hooks too: the pieces are then not the step's, so the step is computed alone
+        self.in_step = False
+        self.inner_backward = False
         # one process only: DDP's reducer expects every weight to receive a gradient
         self.skip_weight_grads = False
         for name, m in model.named_modules():
@@ -140,6 +144,8 @@ class PerSampleGradients:
             self._samplers[module] = fn
 
             def grad_hook(g):
+                if self.in_step:
+                    self.inner_backward = True
                 # Per-example pieces are made as the backward reaches each layer, so a
                 # layer's output gradient is freed at once and a materialized weight
                 # gradient replaces its activations (peak memory as Opacus's hooks).

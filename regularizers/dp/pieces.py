@@ -33,6 +33,18 @@ class Piece:
     def materialize(self) -> torch.Tensor:  # (B, *param.shape)
         raise NotImplementedError
 
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Zero the examples not in ``keep`` (B,) in place of what the piece stores, so a
+        non-finite example adds exactly 0 to the clipped sum (0 * inf would be NaN)."""
+        raise NotImplementedError
+
+
+def _keep(t: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return torch.where(keep.view(-1, *[1] * (t.dim() - 1)), t, torch.zeros((), dtype=t.dtype,
+                                                                            device=t.device))
+
 
 @dataclass
 class Dense(Piece):
@@ -49,6 +61,9 @@ class Dense(Piece):
 
     def materialize(self):
         return self.gs
+
+    def keep_rows(self, keep):
+        self.gs = _keep(self.gs, keep)
 
 
 @dataclass
@@ -108,6 +123,9 @@ class LinearLike(Piece):
         G, A = G.reshape(-1, p), A.reshape(-1, d)
         return (A.T @ G if self.transposed else G.T @ A).reshape(self.shape)
 
+    def keep_rows(self, keep):
+        self.A, self.G, self._gs = _keep(self.A, keep), _keep(self.G, keep), _keep(self._gs, keep)
+
     def materialize(self):
         if self._gs is not None:
             return self._gs
@@ -138,6 +156,9 @@ class EmbeddingRows(Piece):
         return out.index_add_(0, self.idx.reshape(-1),
                               (self.G * c.to(self.G.dtype)[:, None, None]).reshape(-1, p))
 
+    def keep_rows(self, keep):
+        self.G = _keep(self.G, keep)
+
     def materialize(self):
         B, T, p = self.G.shape
         out = self.G.new_zeros(B, self.num_embeddings, p)
@@ -159,6 +180,9 @@ class Scaled(Piece):
 
     def materialize(self):
         return self.piece.materialize() * self.s
+
+    def keep_rows(self, keep):
+        self.piece.keep_rows(keep)
 
 
 def _has_cross(a: Piece, b: Piece) -> bool:
@@ -202,6 +226,10 @@ class Tied(Piece):
 
     def materialize(self):
         return sum(q.materialize() for q in self.parts)
+
+    def keep_rows(self, keep):
+        for q in self.parts:
+            q.keep_rows(keep)
 
 
 def combine(pieces: list[Piece]) -> Piece:

@@ -1,26 +1,14 @@
-"""The fit-start probe: verify, on the model and data as given, what DP-SGD's analysis
-assumes, instead of trusting a list of layer types.
+"""The exactness probe: the hooks' per-example gradients against each example's own.
 
-The Gaussian mechanism's sensitivity is C only if the vector clipped for example i is a
-function of example i alone, and nothing but the noisy sum leaves the step. On k training
-examples (k + 1 read, so one can be swapped) the probe checks, before any step:
-
-1. the collate function gives one row per example and no row depends on another example;
-2. every parameter-holding module sees the batch in dim 0;
-3. a training forward writes no parameter and updates no buffer from the data (buffers
-   are saved in checkpoints without noise): buffers after a forward on D and on D' (one
-   example swapped) must agree, and are restored either way;
-4. swapping example j changes no other example's per-example gradient (train mode, same
-   RNG, so dropout masks agree): catches ``x - x.mean(0)``, batch statistics, losses that
-   couple examples, whatever the layer types;
-5. each per-example gradient equals the gradient of that example alone, computed by
-   autograd on a batch of one (eval mode, where dropout cannot differ), for every
-   trainable parameter; and the norm used for clipping equals the norm of the vector
-   summed. This catches inexact samplers and gradients that bypass the hooks (a
-   parameter used outside its module, a parameter-only loss term).
-
-What fails is refused with the reason; nothing of the probe reaches the weights, the
-optimizer or the RNG streams of training.
+Whether a step keeps examples apart is checked on every step as it runs (:mod:`.step`,
+:mod:`.rows`); what remains for a probe is exactness, which is a question of the model,
+not of the data: on k training examples (eval mode, so dropout cannot differ) each
+example's piece must equal the gradient of that example alone, computed by autograd on a
+batch of one, for every trainable parameter, and the norm used for clipping must equal the
+norm of the vector summed. This catches gradients that bypass the hooks (a parameter used
+outside its module, a parameter-only loss term) and inexact samplers. It runs at fit start
+and again whenever the trainable set changes. A step the tracker cannot separate is
+computed alone anyway, so the probe then has nothing to compare and passes.
 """
 from __future__ import annotations
 
@@ -48,6 +36,27 @@ def batch_rows(batch) -> int | None:
     return next((t.shape[0] for t in _leaves(batch) if t.dim() > 0), None)
 
 
+def rows_of(batch, i: int):
+    """Row ``i`` of a collated batch, as a batch of one."""
+    def cut(x):
+        if isinstance(x, torch.Tensor):
+            return x[i:i + 1] if x.dim() else x
+        if isinstance(x, (list, tuple)):
+            return type(x)(cut(v) for v in x)
+        if isinstance(x, dict):
+            return {k: cut(v) for k, v in x.items()}
+        return x
+    return cut(batch)
+
+
+def same_batch(a, b) -> bool:
+    """Two batches with equal tensors (shapes, dtypes, values)."""
+    la, lb = list(_leaves(a)), list(_leaves(b))
+    return len(la) == len(lb) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y.to(x.device))
+        for x, y in zip(la, lb))
+
+
 def _seeded(fn, seed=0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -56,35 +65,6 @@ def _seeded(fn, seed=0):
 
 def _shapes(batch) -> list:
     return [tuple(t.shape) for t in _leaves(batch)]
-
-
-def check_collate(collate: Callable, items: list, j: int, spares: list = ()) -> tuple:
-    """(batch of items, batch with item j swapped for a spare); refuse extra or mixed rows.
-    The spare is one that keeps the batch's shapes where one exists (a collate that pads
-    to the longest example changes them, legitimately), so that rows can be compared."""
-    k = len(items)
-    D = _seeded(lambda: collate(items))
-    rows = {tuple(t.shape[:1]) for t in _leaves(D)}
-    if rows != {(k,)}:
-        raise PrivacyError(f"the training collate_fn turned {k} examples into tensors with "
-                           f"first dimensions {sorted(r[0] for r in rows if r)}: DP-SGD clips per "
-                           "row, so each example must be exactly one row (no extra views or "
-                           "crops per example)")
-    options = []
-    for spare in spares:
-        D2 = _seeded(lambda: collate(items[:j] + [spare] + items[j + 1:]))
-        options.append(D2)
-        if _shapes(D2) == _shapes(D):
-            break
-    D2 = options[-1]
-    keep = [i for i in range(k) if i != j]
-    if _shapes(D2) == _shapes(D):
-        for a, b in zip(_leaves(D), _leaves(D2)):
-            if not torch.equal(a[keep], b[keep]):
-                raise PrivacyError("the training collate_fn makes a row depend on other examples "
-                                   "(swapping one example changed the others' rows): move batch "
-                                   "mixing out of a DP-SGD run")
-    return D, D2
 
 
 def _per_example(pieces: dict, params: list, i: int, B: int) -> list[torch.Tensor]:
@@ -105,106 +85,86 @@ def _norm(a: list) -> float:
 def probe(model: torch.nn.Module, engine: PerSampleGradients, loss_of: Callable,
           collate: Callable, items: list, to_device: Callable = lambda b: b,
           spares: list = ()) -> None:
-    """Run checks 1-5 (module docstring) on the k ``items``, swapping one for the first of
-    ``spares`` that keeps the batch's shapes; raise on failure.
-
-    ``loss_of(batch)`` is the training loss of a batch, as the training step computes it.
-    """
+    """Check the hooks' per-example gradients on the ``items`` (module docstring); raise
+    :class:`PrivacyError` naming the worst parameter on a mismatch. ``loss_of(batch)`` is
+    the training loss of a batch as the training step computes it."""
+    from .isolated import example_gradient
+    from .rows import RowTracker
     k = len(items)
-    if k < 2 or not spares:
-        raise PrivacyError("DP-SGD needs at least 3 training examples")
-    j = k - 1
-    D, D2 = (to_device(b) for b in check_collate(collate, list(items), j, spares))
+    if k < 1:
+        raise PrivacyError("DP-SGD needs training examples")
     params = engine.params
-    names = {id(p): n for n, p in model.named_parameters()}
     if not params:
         raise PrivacyError("the model has no trainable parameters")
+    names = {id(p): n for n, p in model.named_parameters()}
     tol = 1e-3 if all(p.dtype in (torch.float32, torch.float64) for p in params) else 3e-2
     buffers = dict(model.named_buffers())
     saved = {n: b.detach().clone() for n, b in buffers.items()}
-    versions = {id(p): p._version for p in model.parameters()}
-
-    def run(batch, train: bool):
-        was = model.training
-        model.train(train)
-        try:
-            with engine.capture(batch_size=k):
-                loss = _seeded(lambda: loss_of(batch), seed=1)
-                torch.autograd.grad(loss, params, allow_unused=True)
-                sizes = {c.rows for calls in engine._calls.values() for c in calls
-                         if c.rows is not None}
-                pieces = engine.pieces()
-            after = {n: b.detach().clone() for n, b in buffers.items()}
-        finally:
-            model.train(was)
-            engine.clear()
-            with torch.no_grad():
-                for n, b in buffers.items():
-                    b.copy_(saved[n])
-        written = [n for n, p in model.named_parameters() if p._version != versions[id(p)]]
-        if written:
-            raise PrivacyError(f"the training forward writes the parameters {written} in place "
-                               "(e.g. Embedding(max_norm=...)): a data-dependent write no "
-                               "noise covers; remove it")
-        if sizes != {k}:
-            raise PrivacyError(f"parameterized modules saw first dimensions {sorted(sizes)} on a "
-                               f"batch of {k} examples: every module must see the batch in dim 0")
-        return pieces, after
-
-    pD, aD = run(D, train=True)
-    pD2, aD2 = run(D2, train=True)
-    moved = [n for n in buffers if not torch.equal(aD[n], aD2[n])]
-    if moved:
-        raise PrivacyError(f"buffers {moved} are updated from the training batch in forward: "
-                           "they are saved and released without noise (BatchNorm running "
-                           "statistics, a running mean ...); remove them or stop updating them")
-    for i in (i for i in range(k) if i != j):
-        a, b = _per_example(pD, params, i, k), _per_example(pD2, params, i, k)
-        if _dist(a, b) > tol * (_norm(a) + _norm(b)) + 1e-10:
-            raise PrivacyError("example independence fails: swapping one training example "
-                               f"changed example {i}'s gradient by {_dist(a, b):.3g} (norm "
-                               f"{_norm(a):.3g}). Something in the training step mixes examples "
-                               "(batch statistics such as x - x.mean(0) or F.batch_norm, a loss "
-                               "coupling examples, mixup); DP-SGD's clipping cannot bound one "
-                               "example's influence then")
-
-    pE, _ = run(D, train=False)
-    norm2 = torch.sqrt(sum(pE[p].norm2() for p in params if p in pE))
     was = model.training
     model.eval()
     try:
-        for i in range(k):
-            one = to_device(_seeded(lambda: collate([items[i]])))
-            loss = _seeded(lambda: loss_of(one), seed=1)
-            ref = [g if g is not None else torch.zeros_like(p) for g, p in
-                   zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
-            got = _per_example(pE, params, i, k)
-            errs = [(_dist([g], [r]), names.get(id(p), "?")) for g, r, p in zip(got, ref, params)]
+        batch = to_device(_seeded(lambda: collate(list(items))))
+        tracker = RowTracker(k)
+        tracker.mark(batch)
+        with engine.capture(batch_size=k):
+            engine.in_step, engine.inner_backward = True, False
+            try:
+                with tracker:
+                    loss = _seeded(lambda: loss_of(batch), seed=1)
+            finally:
+                engine.in_step = False
+            verdict = tracker.verdict(loss)
+            if not verdict.separable or engine.inner_backward or \
+                    not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+                return  # computed alone at every step: nothing to compare
+            handles = verdict.install()
+            try:
+                torch.autograd.grad(loss, params, allow_unused=True)
+            finally:
+                for h in handles:
+                    h.remove()
+            pieces = engine.pieces()
+        engine.clear()
+        norm2 = torch.sqrt(sum(pieces[p].norm2() for p in params if p in pieces))
+        singles = [to_device(_seeded(lambda: collate([it]))) for it in items]
+        if not all(same_batch(rows_of(batch, i), one) for i, one in enumerate(singles)):
+            return  # rows are not the examples alone (padding): such steps run isolated
+        for i, one in enumerate(singles):
+            if not torch.isfinite(norm2[i]):
+                continue  # contributes zero at every step, whatever its pieces
+            ref = example_gradient(lambda b: _seeded(lambda: loss_of(b), seed=1), one, params)
+            got = _per_example(pieces, params, i, k)
             if _dist(got, ref) > tol * _norm(ref) + 1e-8:
-                worst = max(errs)[1]
+                worst = max((_dist([g], [r]), names.get(id(p), "?"))
+                            for g, r, p in zip(got, ref, params))[1]
                 raise PrivacyError(
                     f"per-example gradients are not exact on this model: example {i}'s differs "
                     f"from its own gradient by {_dist(got, ref) / max(_norm(ref), 1e-12):.2%} "
                     f"(worst: {worst}). Either a layer has no exact per-example rule, a "
-                    "parameter is used outside the module that owns it, the loss has a term "
-                    "that does not pass through per-example hooks (add parameter penalties as "
-                    "weight decay), or DPSGD(loss_reduction=...) does not match the loss")
+                    "parameter is used outside the module that owns it, or the loss has a "
+                    "term that does not pass through per-example hooks (add parameter "
+                    "penalties as weight decay)")
             if abs(_norm(got) - float(norm2[i])) > tol * _norm(got) + 1e-8:
                 raise PrivacyError(f"the clipping norm of example {i} ({float(norm2[i]):.6g}) "
                                    f"differs from the norm of its summed gradient "
                                    f"({_norm(got):.6g}): a per-example rule is inconsistent")
     finally:
+        engine.clear()
         model.train(was)
+        with torch.no_grad():
+            for n, b in buffers.items():
+                b.copy_(saved[n])
 
 
 def probe_module(module, engine: PerSampleGradients, dataset, collate: Callable, n: int,
-                 to_device: Callable) -> None:
-    """:func:`probe` on a LightningModule's ``training_step`` with its first ``n`` training
-    examples and up to 7 spares; ``self.log`` is muted so the probe logs nothing."""
-    items = [dataset[i] for i in range(min(len(dataset), n + 8))]
+                 to_device: Callable, step: Callable | None = None) -> None:
+    """:func:`probe` on a LightningModule's ``training_step`` (or ``step``) with its first
+    ``n`` training examples; ``self.log`` is muted so the probe logs nothing."""
+    items = [dataset[i] for i in range(min(len(dataset), n))]
+    step = step or module.training_step
 
     def loss_of(batch):
-        out = module.training_step(batch, 0)
+        out = step(batch, 0)
         loss = out["loss"] if isinstance(out, dict) else out
         if not isinstance(loss, torch.Tensor):
             raise PrivacyError("training_step returned no loss on the probe batch")
@@ -212,8 +172,7 @@ def probe_module(module, engine: PerSampleGradients, dataset, collate: Callable,
     saved = {k: vars(module)[k] for k in ("log", "log_dict") if k in vars(module)}
     module.log = module.log_dict = lambda *a, **k: None
     try:
-        probe(module, engine, loss_of, collate, items[:min(n, len(items) - 1)], to_device,
-              spares=items[min(n, len(items) - 1):])
+        probe(module, engine, loss_of, collate, items, to_device)
     finally:
         del module.log, module.log_dict
         for k, v in saved.items():

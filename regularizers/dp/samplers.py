@@ -154,6 +154,16 @@ def refusal(module: nn.Module) -> str | None:
         return (f"{name}(scale_grad_by_freq=True) divides each token's gradient by its count in "
                 "the whole batch, so one example's gradient depends on the others: set "
                 "scale_grad_by_freq=False")
+    if isinstance(module, nn.Embedding) and module.sparse:
+        return (f"{name}(sparse=True): the DP-SGD gradient carries noise on every row of the "
+                "table, so it is dense and a sparse optimizer (SparseAdam) cannot take it; set "
+                "sparse=False and use a dense optimizer (Adam, SGD)")
+    if isinstance(module, nn.EmbeddingBag):
+        return (f"{name} pools a variable number of rows per example (offsets), which no "
+                "per-example rule here covers: use nn.Embedding and a masked mean or sum")
+    if isinstance(module, nn.Bilinear):
+        return (f"{name} has no exact per-example rule here: write it as x1^T W x2 with "
+                "nn.Linear layers (e.g. Linear(in1 * in2, out) on the outer product)")
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return (f"{name}(max_norm=...) renormalizes the batch's rows of the weight in place "
                 "during forward, a data-dependent write no noise covers: set max_norm=None")
