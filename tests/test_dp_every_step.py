@@ -282,3 +282,139 @@ def test_a_buffer_written_from_the_data_on_a_later_step_is_refused_before_that_u
     with pytest.raises(PrivacyError, match="outlives the step"):
         release(m, X, Y, callbacks=[LateWrite()], steps=3)
     assert torch.equal(m.net[0].mean, torch.zeros(6))
+
+
+# ------------------------------------------------------------ Hugging Face: labels=, padding, empty
+class HFLabels(L.LightningModule):
+    """The Hugging Face way: ``model(input_ids, attention_mask, labels=...)`` with -100 on
+    the pads, whose mean runs over the batch's label tokens."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def training_step(self, batch, batch_idx):
+        return self.hf(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+class Texts(torch.utils.data.Dataset):
+    def __init__(self, n=8, drop=None, length=None):
+        g = torch.Generator().manual_seed(0)
+        self.items = []
+        for i in range(n):
+            ids = torch.randint(1, 40, (length or 3 + i % 4,), generator=g)
+            if i != drop:
+                self.items.append(ids)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def hf_collate(items):
+    T = max(len(i) for i in items)
+    ids = torch.zeros(len(items), T, dtype=torch.long)
+    mask = torch.zeros(len(items), T, dtype=torch.long)
+    for k, i in enumerate(items):
+        ids[k, :len(i)], mask[k, :len(i)] = i, 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                   bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attn_pdrop=0.0))
+    return HFLabels(m)
+
+
+def test_the_hugging_face_labels_loss_on_padded_batches_stays_within_c():
+    a, pa = release(gpt2(), None, None, dataset=Texts(), collate_fn=hf_collate)
+    b, pb = release(gpt2(), None, None, dataset=Texts(drop=3), collate_fn=hf_collate)
+    assert float((a - b).norm()) <= C * (1 + 1e-4)
+
+
+def fixed_length(items):
+    """Fixed-length blocks need no attention_mask (given one, the model branches on the
+    whole batch's mask, and such steps run with every example alone)."""
+    ids = torch.stack(items)
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_the_hugging_face_labels_loss_at_fixed_length_takes_the_fast_path():
+    a, pa = release(gpt2(), None, None, dataset=Texts(length=5), collate_fn=fixed_length)
+    b, pb = release(gpt2(), None, None, dataset=Texts(length=5, drop=3), collate_fn=fixed_length)
+    assert pa == pb == ["rows"]
+    assert float((a - b).norm()) <= C * (1 + 1e-4)
+
+
+def test_an_empty_poisson_batch_releases_noise_without_calling_the_model():
+    """(1-q)^N per step: a tiny q makes empty batches the rule; GPT-2 never sees zero rows."""
+    m = gpt2()
+    spy = Spy()
+    t = L.Trainer(callbacks=[DPSGD(noise_multiplier=1.0, delta=1e-3, max_grad_norm=C, seed=3),
+                             spy], max_steps=4, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    w0 = flat(m)
+    t.fit(m, DataLoader(Texts(n=400, length=4), batch_size=1, collate_fn=hf_collate))
+    assert "empty" in spy.paths and t.global_step == 4
+    assert not torch.equal(flat(m), w0)  # noise was released on every step
+
+
+# ------------------------------------------------------------ item 8: things users do
+def test_bitfit_biases_only_trains_within_c():
+    def make():
+        m = Plain(mlp())
+        for n, p in m.named_parameters():
+            p.requires_grad_(n.endswith("bias"))
+        return m
+    s, paths = sens(make, X, Y)
+    assert s <= C * (1 + 1e-4) and set(paths) == {"rows"}
+
+
+def test_sixteen_bit_true_precision_trains():
+    a, paths = release(Plain(mlp()), X, Y, precision="16-true")
+    assert torch.isfinite(a).all() and paths == ["rows"]
+
+
+@pytest.mark.parametrize("layer,match", [
+    (lambda: nn.Bilinear(6, 6, 3), "Bilinear"),
+    (lambda: nn.EmbeddingBag(20, 3), "EmbeddingBag"),
+    (lambda: nn.Embedding(20, 3, sparse=True), "sparse=True"),
+])
+def test_layers_without_a_private_rule_are_refused_with_the_fix(layer, match):
+    class One(Plain):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if isinstance(self.net, nn.Bilinear):
+                out = self.net(x, x)
+            else:
+                out = self.net(x.abs().long() % 20).reshape(len(x), -1)[:, :3]
+            return F.cross_entropy(out, y)
+    with pytest.raises(PrivacyError, match=match):
+        fit_one = release(One(layer()), X, Y)
+        del fit_one
+
+
+class Adversarial(Plain):
+    """Per-example adversarial training (FGSM on the input): an inner autograd.grad inside
+    the step, which fires the per-example hooks too."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(F.cross_entropy(self.net(x), y, reduction="sum"), [x],
+                                    create_graph=True)
+        return F.cross_entropy(self.net(x + 0.1 * gx.sign()), y)
+
+
+def test_per_example_adversarial_training_is_accepted_and_computed_alone():
+    s, paths = sens(lambda: Adversarial(mlp()), X, Y)
+    assert s <= C * (1 + 1e-4) and set(paths) == {"isolated"}

@@ -136,7 +136,8 @@ class PerSampleGradients:
                 # GPT-2): expanding the output gives the add its per-example gradients
                 inputs = (inputs[0].expand(B, *inputs[0].shape[1:]),) + tuple(inputs[1:])
                 output = output.expand(B, *output.shape[1:])
-            if self.skip_weight_grads and fn is _linear and isinstance(inputs[0], torch.Tensor):
+            if self.skip_weight_grads and fn is _linear and module.weight.requires_grad \
+                    and isinstance(inputs[0], torch.Tensor):
                 output = _NoWeightGrad.apply(inputs[0], module.weight, output.detach(),
                                              is_conv1d(module))
             call = _Call(tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs))
@@ -144,8 +145,11 @@ class PerSampleGradients:
             self._samplers[module] = fn
 
             def grad_hook(g):
-                if self.in_step:
+                if self.in_step:  # the step's own backward (it is then computed alone)
                     self.inner_backward = True
+                    return
+                if call.acts is None and call.pieces is not None:  # a second backward
+                    return
                 # Per-example pieces are made as the backward reaches each layer, so a
                 # layer's output gradient is freed at once and a materialized weight
                 # gradient replaces its activations (peak memory as Opacus's hooks).

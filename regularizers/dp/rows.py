@@ -344,7 +344,7 @@ class RowTracker(TorchDispatchMode):
                 return gx
             return None
         if func == aten.cat.default:
-            ts = args[0]
+            ts = [t for t in args[0] if not (t.dim() == 1 and t.numel() == 0)]  # cat skips them
             d = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % ts[0].dim()
             gs = {self.tag(t) for t in ts if self.tag(t) is not None}
             if len(gs) == 1 and (g := next(iter(gs))).axis != d and all(
