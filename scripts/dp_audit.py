@@ -113,8 +113,11 @@ def features(root: Path, n: int, seed: int):
 def run(sigma: float = 2.0, m: int = 1000, steps: int = 200, n_real: int = 1000,
         batch: int = 75, lr: float = 0.15, scale: float = 10.0, clip: float = 1.0,
         delta: float = 1e-5, seed: int = 0, data: Path = DATA, broken: str = "none",
-        level: float = 0.05) -> dict:
-    """One audited DP-SGD run; returns the claimed epsilon beside the empirical bound."""
+        level: float = 0.05, mix: float = 0.0) -> dict:
+    """One audited DP-SGD run; returns the claimed epsilon beside the empirical bound.
+    ``mix`` > 0: the training step applies mixup (a random pairing, weight 1/2) with that
+    probability per batch, in train mode only, a coupling no fit-start check sees; the
+    step guard must compute those steps with every example alone (issue 23)."""
     import lightning as L
     import torch
     import torch.nn.functional as F
@@ -134,15 +137,22 @@ def run(sigma: float = 2.0, m: int = 1000, steps: int = 200, n_real: int = 1000,
     Y = torch.cat([y, canary_y[ins]])
     q = batch / (n_real + m / 2)  # nominal rate: the auditor must not use the true N
 
+    coin = torch.Generator().manual_seed(seed + 2)
+
     class Linear(L.LightningModule):
         def __init__(self):
             super().__init__()
+            self.mixed = 0
             self.lin = torch.nn.Linear(d + m, K, bias=False)
             with torch.no_grad():
                 self.lin.weight[:, d:] = 0
 
         def training_step(self, b, i):
-            return F.cross_entropy(self.lin(b[0]), b[1])
+            x = b[0]
+            if mix and self.training and len(x) > 1 and torch.rand((), generator=coin) < mix:
+                self.mixed += 1
+                x = 0.5 * x + 0.5 * x[torch.randperm(len(x), generator=coin)]
+            return F.cross_entropy(self.lin(x), b[1])
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=lr)
@@ -181,10 +191,11 @@ def run(sigma: float = 2.0, m: int = 1000, steps: int = 200, n_real: int = 1000,
     t0 = time.time()
     with breakage(broken), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(Linear(), DataLoader(TensorDataset(X, Y), batch_size=batch))
+        module = Linear()
+        trainer.fit(module, DataLoader(TensorDataset(X, Y), batch_size=batch))
     result = audit(spy.score.numpy(), member.numpy(), delta, level)
     rep = dp.report
-    return {"sigma": sigma, "broken": broken, "claimed_epsilon": rep["epsilon"], "delta": delta,
+    return {"sigma": sigma, "broken": broken, "mix": mix, "mixed_steps": module.mixed, "claimed_epsilon": rep["epsilon"], "delta": delta,
             "q": rep["sample_rate"], "steps": rep["accounted_steps"], "m": m,
             "canaries_in": int(member.sum()), "clip": clip, "scale": scale, "lr": lr,
             "batch": batch, "n_real": n_real, "seed": seed, "level": level,
@@ -236,6 +247,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     ap.add_argument("--broken", nargs="+", default=["none"], choices=["none", "clip", "noise"])
     ap.add_argument("--m", type=int, default=1000, help="number of canaries")
+    ap.add_argument("--mix", type=float, default=0.0,
+                    help="probability of mixup per batch inside the training step")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--n-real", type=int, default=1000, help="real MNIST rows")
     ap.add_argument("--batch", type=int, default=75, help="expected batch size q N")
@@ -252,8 +265,8 @@ def main(argv=None) -> None:
     for sigma in a.sigmas:
         for kind in a.broken:
             rows.append(run(sigma, a.m, a.steps, a.n_real, a.batch, a.lr, a.scale, a.clip,
-                            a.delta, a.seed, a.data, kind, a.level))
-            print(json.dumps({k: rows[-1][k] for k in ("sigma", "broken", "claimed_epsilon",
+                            a.delta, a.seed, a.data, kind, a.level, a.mix))
+            print(json.dumps({k: rows[-1][k] for k in ("sigma", "broken", "mix", "claimed_epsilon",
                                                       "eps_lower_bound", "train_s")}), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "audit.json").write_text(json.dumps(rows, indent=2))

@@ -84,6 +84,16 @@ def test_real_mechanism_stays_below_its_claim(mnist_root):
 
 
 @pytest.mark.slow
+def test_mixing_with_probability_stays_below_its_claim(mnist_root):
+    """mixup on half the batches, inside the training step and in train mode only: the
+    step guard computes those steps with every example alone, so the released canary
+    gradients are exactly 0 or a_t plus noise, and the claim holds."""
+    r = _audit(mnist_root, mix=0.5, steps=120)
+    assert 40 < r["mixed_steps"] < 80
+    assert 0.0 <= r["eps_lower_bound"] <= r["claimed_epsilon"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", ["clip", "noise"])
 def test_broken_mechanism_is_caught(mnist_root, monkeypatch, broken):
     calls = []

@@ -132,6 +132,43 @@ def _tensors(x) -> list[torch.Tensor]:
     return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
 
 
+def _flat_tensors(*xs) -> list[torch.Tensor]:
+    out = []
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                if isinstance(v, torch.Tensor):
+                    out.append(v)
+                elif isinstance(v, (list, tuple, dict)):
+                    out.extend(_flat_tensors(v))
+        elif isinstance(x, dict):
+            out.extend(_flat_tensors(*x.values()))
+    return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage (views share it), without building a storage object."""
+    try:
+        return t.data_ptr() - t.storage_offset() * t.element_size()
+    except RuntimeError:
+        return -1
+
+
+_FACTS: dict = {}
+
+
+def _facts(func) -> tuple[bool, tuple[int, ...]]:
+    """(mutates an argument, indices of the arguments it writes), cached per operator."""
+    got = _FACTS.get(func)
+    if got is None:
+        targets = tuple(i for i, a in enumerate(func._schema.arguments)
+                        if a.alias_info is not None and a.alias_info.is_write)
+        got = _FACTS[func] = (func._schema.is_mutable, targets)
+    return got
+
+
 def _dims(dim, ndim: int) -> list[int]:
     if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
         return list(range(ndim))
@@ -176,21 +213,14 @@ class RowTracker(TorchDispatchMode):
     def mark(self, batch) -> None:
         for t in _tensors(batch):
             self.tags[t] = Rows(0, 1) if t.dim() > 0 and t.shape[0] == self.B else AGG
-            self.born.add(self._storage(t))
+            self.born.add(_storage(t))
 
     def tag(self, t):
         if not isinstance(t, torch.Tensor):
             return None
-        if self.written_views and self._storage(t) in self.written_views:
+        if self.written_views and _storage(t) in self.written_views:
             return AGG
         return self.tags.get(t)
-
-    @staticmethod
-    def _storage(t: torch.Tensor) -> int:
-        try:
-            return t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            return -1
 
     def _couple(self, why: str):
         if len(self.reasons) < 5:
@@ -199,21 +229,24 @@ class RowTracker(TorchDispatchMode):
 
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # the hot path of every DP step: one dict lookup per tensor, storages only by pointer
         kwargs = kwargs or {}
-        ins = _tensors((args, kwargs))
-        tags = [(t, self.tag(t)) for t in ins]
-        tracked = [(t, g) for t, g in tags if g is not None]
-        if tracked and func._schema.is_mutable:
-            self._refuse_persistent_write(func, args)  # before the write happens
+        ins = _flat_tensors(args, kwargs)
+        tags = self.tags
+        tracked = [(t, g) for t in ins if (g := self.tag(t)) is not None]
+        mutable, targets = _facts(func)
+        if tracked and mutable:
+            self._refuse_persistent_write(func, args, targets)  # before the write happens
         out = func(*args, **kwargs)
-        if func is not aten.detach.default:  # autograd saving a tensor is no use of it
-            for t in ins:
-                self.uses[t] = self.uses.get(t, 0) + 1
-        outs = _tensors(out)
-        old = {self._storage(t) for t in ins}
-        self.born.update(st for st in (self._storage(t) for t in outs) if st not in old)
+        outs = _flat_tensors(out)
+        old = {_storage(t) for t in ins}
+        self.born.update(st for st in map(_storage, outs) if st not in old)
         if not tracked:
             return out
+        if func is not aten.detach.default:  # autograd saving a tensor is no use of it
+            uses = self.uses
+            for t, _ in tracked:
+                uses[t] = uses.get(t, 0) + 1
         if func in _ESCAPE:
             self.escaped = True
             self._couple(f"{func} reads a batch-dependent value on the host (a Python branch "
@@ -228,25 +261,19 @@ class RowTracker(TorchDispatchMode):
                 result = None
             if result is None:
                 result = self._couple(f"{func} on batch-dependent inputs has no row rule")
-        if func._schema.is_mutable:
-            self._write(func, args, result)
+        if mutable:
+            self._write(args, targets, result)
         per = result if isinstance(result, list) else [result] * len(outs)
         for t, r in zip(outs, per):
             if r is not None:
-                self.tags[t] = r
+                tags[t] = r
             if isinstance(r, Loss) and r.red.out is None:
                 r.red.out = weakref.ref(t)
         return out
 
-    @staticmethod
-    def _targets(func, args) -> list[torch.Tensor]:
-        return [a for a, arg in zip(args, func._schema.arguments)
-                if isinstance(a, torch.Tensor) and arg.alias_info is not None
-                and arg.alias_info.is_write]
-
-    def _refuse_persistent_write(self, func, args) -> None:
-        for t in self._targets(func, args):
-            if self._storage(t) not in self.born:
+    def _refuse_persistent_write(self, func, args, targets) -> None:
+        for t in (args[i] for i in targets if i < len(args)):
+            if isinstance(t, torch.Tensor) and _storage(t) not in self.born:
                 raise PrivacyError(
                     f"the training step writes batch-dependent values into a tensor that "
                     f"outlives the step ({func}, shape {tuple(t.shape)}): a parameter, buffer "
@@ -254,13 +281,15 @@ class RowTracker(TorchDispatchMode):
                     "noise (a running mean, BatchNorm statistics, a cache). Remove the write, "
                     "or compute it from public data")
 
-    def _write(self, func, args, result) -> None:
-        for t in self._targets(func, args):
+    def _write(self, args, targets, result) -> None:
+        for t in (args[i] for i in targets if i < len(args)):
+            if not isinstance(t, torch.Tensor):
+                continue
             new = result if not isinstance(result, list) else AGG
             if new is not None and new != self.tags.get(t):
                 # views of this storage, made before or after, may now hold what was
                 # written: every tensor on it counts as coupled from here on
-                self.written_views.add(self._storage(t))
+                self.written_views.add(_storage(t))
             elif new is not None:
                 self.tags[t] = new
 
