@@ -49,9 +49,13 @@ class DPSGD(L.Callback):
         hide_training_metrics: drop what the module logs from training hooks (the loss of
             a private batch is a release the epsilon does not cover).
         probe_examples: training examples the fit-start probe reads (:mod:`.probe`).
-        seed: fixes sampling and noise for reproducible runs. Whoever knows it can
-            recompute batches and noise, so the guarantee holds only while it is secret;
-            the default draws fresh OS entropy.
+        seed: fixes sampling and noise of the first fit of a fresh ledger, for reproducible
+            runs. Whoever knows it can recompute batches and noise, so the guarantee holds
+            only while it is secret and used for one run. Every later fit under the same
+            ledger (a second ``trainer.fit`` of this callback, any resume from a checkpoint)
+            draws fresh OS entropy whatever the seed: noise already released is never drawn
+            again, not even when a run resumes twice from one checkpoint. The default draws
+            fresh OS entropy for every fit.
     """
 
     def __init__(self, noise_multiplier: float | None = None, target_epsilon: float | None = None,
@@ -82,8 +86,9 @@ class DPSGD(L.Callback):
         self.sampling, self.loss_reduction, self.seed = sampling, loss_reduction, seed
         self.hide_training_metrics, self.probe_examples = hide_training_metrics, probe_examples
         if seed is not None:
-            warnings.warn("DPSGD(seed=...) makes sampling and noise reproducible: anyone who knows "
-                          "the seed can undo the noise, so keep it secret", stacklevel=2)
+            warnings.warn("DPSGD(seed=...) makes the first fit's sampling and noise reproducible: "
+                          "anyone who knows the seed can undo the noise, so keep it secret and use "
+                          "it for one run (later fits and resumes draw fresh noise)", stacklevel=2)
         self.budget = Ledger(delta, accountant, target_epsilon)
         self.sigma: float | None = None
         self.report: dict[str, Any] = {}
@@ -93,6 +98,8 @@ class DPSGD(L.Callback):
         self._pass_counted = False
         self._trainable: frozenset = frozenset()
         self._patched: set[str] = set()  # instance attributes we set on the module
+        self._run_seed: int | None = None  # this fit's seed (_fit_seed); None between fits
+        self.seeded = False  # whether this fit's noise and batches follow from ``seed``
 
     @property
     def ledger(self) -> list[list]:
@@ -108,8 +115,8 @@ class DPSGD(L.Callback):
             return
         check_step(trainer)
         check_callbacks(trainer.callbacks)
-        self._run_seed = trainer.strategy.broadcast(
-            self.seed if self.seed is not None else fresh_seed(), src=0)
+        self._entropy = trainer.strategy.broadcast(fresh_seed(), src=0)  # same on every rank
+        self._run_seed = None  # chosen once the checkpoint (if any) is restored: _fit_seed
         self._trainer = trainer
         wrap_train_dataloader(trainer, self._wrap)
         if self.hide_training_metrics and "log" not in vars(pl_module):
@@ -119,9 +126,18 @@ class DPSGD(L.Callback):
     def _wrap(self, loader):
         return self._private_loader(self._trainer, loader)
 
+    def _fit_seed(self) -> int:
+        """This fit's sampling seed, drawn once per fit after Lightning restored the ledger
+        (every strategy DP-SGD accepts restores before building the training loader)."""
+        if self._run_seed is None:
+            first = self.budget.start_fit() == 0
+            self.seeded = first and self.seed is not None
+            self._run_seed = self.seed if self.seeded else self._entropy
+        return self._run_seed
+
     def _private_loader(self, trainer, loader):
         self.data = private_loader(loader, self.sampling, trainer.world_size, trainer.global_rank,
-                                   self._run_seed, first_step=lambda: trainer.global_step)
+                                   self._fit_seed(), first_step=lambda: trainer.global_step)
         self._check_delta()
         return self.data.loader
 
@@ -165,7 +181,7 @@ class DPSGD(L.Callback):
         self._calibrate(trainer)
         self._probe(trainer, pl_module)
         self._pass_counted = False  # a resumed shuffled epoch may revisit examples: new pass
-        self._noise_seed = self._run_seed if self.seed is not None else fresh_seed()
+        self._noise_seed = self._fit_seed() if self.seeded else fresh_seed()  # rank 0 adds it
         if not self.budget.allows(self.sigma, self.sample_rate):
             trainer.should_stop = True
             rank_zero_info(f"DP-SGD: no step fits in target_epsilon={self.target_epsilon} "
@@ -268,9 +284,11 @@ class DPSGD(L.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             self._restore(pl_module)
+            self._run_seed = None
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore(pl_module)  # Lightning skips teardown hooks after an exception
+        self._run_seed = None
 
     def _restore(self, pl_module) -> None:
         """Leave the module as it was: no hooks, no instance attributes of ours."""
@@ -290,5 +308,9 @@ class DPSGD(L.Callback):
         if state_dict.get("sampling", self.sampling) != self.sampling:
             raise PrivacyError(f"the checkpoint's ledger was kept under sampling="
                                f"{state_dict['sampling']!r}; resume with the same sampling")
+        if self._run_seed is not None:
+            raise PrivacyError("the training loader was built before the checkpoint's DP-SGD "
+                               "ledger was restored, so this fit's noise could repeat an "
+                               "earlier fit's; use strategy='ddp' or a single device")
         self.budget.load_state_dict(state_dict)
         self.sigma = state_dict["sigma"]

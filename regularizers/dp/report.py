@@ -39,6 +39,7 @@ def build_report(dp, steps: int) -> dict:
         "sampling": dp.sampling,
         "analysis": POISSON_ANALYSIS if dp.sampling == "poisson" else SHUFFLE_ANALYSIS,
         "training_metrics_logged": not dp.hide_training_metrics,
+        "fits": dp.budget.fits, "noise_from_seed": dp.seeded,
         "ledger": [list(s) for s in dp.ledger]}
 
 
