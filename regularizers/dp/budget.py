@@ -38,6 +38,10 @@ class Ledger:
         history = [tuple(s) for s in self.segments] + ([extra] if extra else [])
         return accounting.epsilon(history, self.delta, self.accountant)
 
+    def epsilon_of(self, segments: list) -> float:
+        """Epsilon of another history at this ledger's delta and accountant."""
+        return accounting.epsilon([tuple(s) for s in segments], self.delta, self.accountant)
+
     def allows(self, sigma: float, q: float) -> bool:
         """True if one more step at (sigma, q) keeps epsilon <= target (always without one)."""
         if self.target is None:

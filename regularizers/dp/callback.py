@@ -22,11 +22,11 @@ from toolkit.lightning_internals import wrap_train_dataloader
 from . import accounting
 from .budget import Ledger
 from .errors import PrivacyError
-from .loader import private_loader, why_not_once_per_pass
+from .loader import private_loader
 from .mechanism import CLIPPING, privatize_
 from .per_sample import PerSampleGradients
 from .probe import batch_rows, probe_module
-from .report import build_report, publish, without_training_metrics
+from .report import ADJACENCY, EPSILON_LOG, build_report, publish, without_training_metrics
 from .sampling import fresh_seed, step_generator
 from .validate import (check_callbacks, check_not_sharded, check_number, check_optimizers,
                        check_step)
@@ -43,8 +43,9 @@ class DPSGD(L.Callback):
         max_grad_norm: C, the per-example clipping norm.
         accountant: ``prv`` (tight, Gopi et al. 2021) or ``rdp`` (Mironov 2017).
         clipping: ``flat`` (one norm per example) or ``per_layer`` (C/sqrt(K) per tensor).
-        sampling: ``poisson`` (default; replaces the training loader) or ``shuffle`` (keep
-            the loader; the weaker no-amplification analysis is used and reported).
+        sampling: ``poisson`` (default; add/remove adjacency) or ``shuffle`` (fixed-size
+            batches of a secret permutation per pass; no amplification, and only zero-out
+            adjacency, as reported and logged: ``dp/epsilon_zero_out``; docs/dp.md).
         loss_reduction: how ``training_step``'s loss reduces over examples (``mean``/``sum``).
         hide_training_metrics: drop what the module logs from training hooks (the loss of
             a private batch is a release the epsilon does not cover).
@@ -168,11 +169,6 @@ class DPSGD(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._check_delta()
-        if self.sampling == "shuffle":  # after Lightning injected its DistributedSampler
-            why = why_not_once_per_pass(trainer.train_dataloader)
-            if why is not None:
-                raise PrivacyError(f"sampling='shuffle' needs each example at most once per pass, "
-                                   f"but {why}; use sampling='poisson'")
         if trainer.global_step > 0 and not self.ledger:
             raise PrivacyError(f"resuming at step {trainer.global_step} from a checkpoint without a "
                                "DP-SGD ledger: those steps were not private, so no epsilon can be "
@@ -189,7 +185,8 @@ class DPSGD(L.Callback):
         left = self.budget.remaining(self.sigma, self.sample_rate)
         rank_zero_info(f"DP-SGD: sigma={self.sigma:.4g} q={self.sample_rate:.5g} "
                        f"C={self.max_grad_norm} {self.accountant} delta={self.delta:g} "
-                       f"({self.sampling}); budget {'unbounded' if left == math.inf else int(left)} "
+                       f"({self.sampling}, {ADJACENCY[self.sampling]} adjacency); budget "
+                       f"{'unbounded' if left == math.inf else int(left)} "
                        f"more {'steps' if self.sampling == 'poisson' else 'passes'}")
 
     def _calibrate(self, trainer) -> None:
@@ -268,8 +265,8 @@ class DPSGD(L.Callback):
                            f"target_epsilon={self.target_epsilon} (spent {self.epsilon():.4f})")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        L.LightningModule.log(pl_module, "dp/epsilon", self.epsilon(), on_step=False,
-                              on_epoch=True, sync_dist=False)
+        L.LightningModule.log(pl_module, EPSILON_LOG[self.sampling], self.epsilon(),
+                              on_step=False, on_epoch=True, sync_dist=False)
 
     # ------------------------------------------------------------------ reporting
     def epsilon(self) -> float:

@@ -59,6 +59,42 @@ class PoissonBatchSampler:
         return self.steps
 
 
+class ShuffleBatchSampler:
+    """``sampling="shuffle"``: each pass is a fresh uniformly random permutation cut into
+    fixed-size global batches (the last incomplete one dropped), rank r taking rows
+    [r*B, (r+1)*B) of each; every example appears at most once per pass.
+
+    The permutation is drawn from (seed, global step at the start of the pass), so it is as
+    secret as the seed (DPSGD's fresh entropy by default) and not the data module's public
+    seed, and a new pass, fit or resume never reuses one.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, world: int = 1, rank: int = 0,
+                 seed: int | None = None, first_step: Callable[[], int] | None = None):
+        self.n, self.batch_size, self.world, self.rank = num_samples, batch_size, world, rank
+        self.steps = num_samples // (batch_size * world)
+        if self.steps == 0:
+            raise ValueError(f"{num_samples} examples cannot fill one global batch of "
+                             f"{batch_size} x {world} ranks; lower the batch size")
+        self.seed = fresh_seed() if seed is None else seed
+        self.first_step = first_step or (lambda: 0)
+
+    def set_epoch(self, epoch: int) -> None:  # the pass keys on its first step
+        pass
+
+    def permutation(self, step: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=step_generator(self.seed, step, stream=2))
+
+    def __iter__(self):
+        perm, B, W = self.permutation(self.first_step()), self.batch_size, self.world
+        for b in range(self.steps):
+            start = b * B * W + self.rank * B
+            yield perm[start:start + B].tolist()
+
+    def __len__(self) -> int:
+        return self.steps
+
+
 def _empty_like_batch(dataset: Dataset, collate: Callable) -> object:
     """A zero-row batch with the structure of a real one (for empty Poisson draws)."""
     one = collate([dataset[0]])
@@ -75,7 +111,8 @@ def _empty_like_batch(dataset: Dataset, collate: Callable) -> object:
 
 
 class PoissonLoader:
-    """The training loader DP-SGD uses: a map-style dataset read in Poisson batches.
+    """The training loader DP-SGD uses: a map-style dataset read in Poisson batches (or,
+    with a :class:`ShuffleBatchSampler`, in the batches of a secret permutation).
 
     Not a ``DataLoader`` on purpose: Lightning would otherwise inject its own
     (fixed-size, shuffling) distributed sampler. ``TensorDataset`` batches are sliced
