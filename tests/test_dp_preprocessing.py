@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -66,3 +67,14 @@ def test_dpsgd_mnist_normalization_does_not_depend_on_the_training_images(tmp_pa
         dm.setup()
     assert abs(plain[0].mean - plain[1].mean) > 0.05
     assert not torch.equal(plain[0].test_set.tensors[0], plain[1].test_set.tensors[0])
+
+
+def test_preprocessing_options_are_checked_at_construction():
+    from toolkit import ImageDataModule
+    from toolkit.data.text import TextDataModule
+    with pytest.raises(ValueError, match="normalization='mean'.*'public'"):
+        ImageDataModule(normalization="mean")
+    with pytest.raises(ValueError, match="vocab='ascii'.*'printable'"):
+        TextDataModule(vocab="ascii")
+    with pytest.raises(ValueError, match="give one of the two"):
+        TextDataModule(vocab="printable", tokenizer="gpt2")

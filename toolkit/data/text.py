@@ -134,6 +134,9 @@ class TextDataModule(L.LightningDataModule):
         if vocab not in ("corpus", "printable"):
             raise ValueError(f"vocab={vocab!r}: choose 'corpus' (the corpus's characters) or "
                              "'printable' (a fixed public set, for DP training)")
+        if vocab != "corpus" and tokenizer is not None:
+            raise ValueError(f"vocab={vocab!r} sets a character vocabulary, but tokenizer="
+                             f"{tokenizer!r} brings its own: give one of the two")
         if train_blocks not in ("random", "disjoint"):
             raise ValueError(f"train_blocks={train_blocks!r}: choose 'random' or 'disjoint'")
         if not 0 < train_fraction < 1:
