@@ -49,8 +49,8 @@ def build_report(dp, steps: int) -> dict:
 
 
 def replace_one_epsilon(dp) -> float:
-    """Under shuffle, the epsilon for replacing one row by any other: sensitivity 2C, i.e.
-    the zero-out ledger at half the noise multiplier (two zero-out steps, one Gaussian)."""
+    """Under shuffle, the epsilon for replacing one row by any other (substitution): two
+    clipped gradients differ by at most 2C, so the ledger at half the noise multiplier."""
     return dp.budget.epsilon_of([[s / 2, q, n] for s, q, n in dp.ledger])
 
 
