@@ -47,13 +47,13 @@ def test_dp_lm_vocabulary_does_not_depend_on_the_training_text(tmp_path):
 
 
 def test_dpsgd_mnist_normalization_does_not_depend_on_the_training_images(tmp_path):
-    root = write_fake_mnist(tmp_path / "a", n_train=300, n_test=40)
+    root = write_fake_mnist(tmp_path / "a", n_train=120, n_test=20)
     other = tmp_path / "b"
     shutil.copytree(root, other)
     images = read_idx(next(other.glob("train-images*")))
     write_idx(next(other.glob("train-images*")), np.minimum(images.astype(np.int64) * 3, 255)
               .astype(np.uint8))
-    kw = {"val_size": 50, "cache_dir": None}
+    kw = {"val_size": 20, "cache_dir": None}
     dms = [recipe_data("dpsgd_mnist", root=str(r), **kw) for r in (root, other)]
     for dm in dms:
         dm.setup()
@@ -62,7 +62,7 @@ def test_dpsgd_mnist_normalization_does_not_depend_on_the_training_images(tmp_pa
     assert torch.equal(dms[0].test_set.tensors[0], dms[1].test_set.tensors[0])
     # the non-private default (training mean/std) does move with the training images
     from toolkit import ImageDataModule
-    plain = [ImageDataModule(root=str(r), val_size=50, normalization="train") for r in (root, other)]
+    plain = [ImageDataModule(root=str(r), val_size=20, normalization="train") for r in (root, other)]
     for dm in plain:
         dm.setup()
     assert abs(plain[0].mean - plain[1].mean) > 0.05
