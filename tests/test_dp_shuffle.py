@@ -135,3 +135,23 @@ def test_ranks_split_the_one_process_global_batches():
     assert len(one) == 2  # 10 // 4: the incomplete last batch is dropped
     assert [a + b for a, b in zip(*halves)] == one
     assert list(ShuffleBatchSampler(10, 4, seed=3, first_step=lambda: 6)) != one
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_reproduce_one(tmp_path):
+    """ddp_spawn on 2 CPU ranks (gloo), batch 2 per rank, against 1 process with batch 4: the
+    same secret permutation split across ranks, clipping per rank, the noise added once."""
+    x, y = data()
+    out = {}
+    for world in (1, 2):
+        m = Linear()
+        cb = DPSGD(noise_multiplier=1.0, delta=1e-3, max_grad_norm=C, accountant="rdp",
+                   sampling="shuffle", seed=5)
+        kw = {"strategy": "ddp_spawn", "devices": 2} if world == 2 else {"devices": 1}
+        t = L.Trainer(callbacks=[cb], max_epochs=2, logger=False, accelerator="cpu",
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path / str(world)), **kw)
+        t.fit(m, DataLoader(TensorDataset(x, y), batch_size=B // world, shuffle=True))
+        out[world] = m.net.weight.detach().clone()
+    assert (out[1] - Linear().net.weight).norm() > 1e-2  # it trained
+    torch.testing.assert_close(out[1], out[2], rtol=1e-5, atol=1e-6)
