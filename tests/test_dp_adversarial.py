@@ -214,7 +214,7 @@ def mixing_collate(items):
 
 
 def test_a_collate_function_that_adds_rows_is_refused():
-    with pytest.raises(PrivacyError, match="rows but the Poisson draw"):
+    with pytest.raises(PrivacyError, match="rows but the sampler.s draw"):
         fit(Plain(mlp()), X, Y, [dp()], collate_fn=two_views)
 
 

@@ -5,6 +5,10 @@ A ledger is the accountant's history, ``(sigma, q, steps)`` segments. A budget a
 step has: the step limit is recomputed whenever (sigma, q) changes, so a sample rate that
 grows mid-run (a reloaded loader with a larger batch) can never carry the run past its
 target on a limit computed for the old rate.
+
+The ledger also counts the fits that released steps under it (``fits``, kept in
+checkpoints): a fit that is not the first one of its ledger (a second ``trainer.fit`` of the
+same callback, any resume) must draw fresh noise and batches, see ``DPSGD``.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ class Ledger:
     def __init__(self, delta: float, accountant: str = "prv", target_epsilon: float | None = None):
         self.delta, self.accountant, self.target = delta, accountant, target_epsilon
         self.segments: list[list] = []
+        self.fits = 0  # fits started under this ledger, this one included once started
         self._limit: tuple | None = None  # ((sigma, q), total steps allowed at that rate)
 
     @property
@@ -32,6 +37,10 @@ class Ledger:
     def epsilon(self, extra: tuple | None = None) -> float:
         history = [tuple(s) for s in self.segments] + ([extra] if extra else [])
         return accounting.epsilon(history, self.delta, self.accountant)
+
+    def epsilon_of(self, segments: list) -> float:
+        """Epsilon of another history at this ledger's delta and accountant."""
+        return accounting.epsilon([tuple(s) for s in segments], self.delta, self.accountant)
 
     def allows(self, sigma: float, q: float) -> bool:
         """True if one more step at (sigma, q) keeps epsilon <= target (always without one)."""
@@ -53,9 +62,16 @@ class Ledger:
         self.allows(sigma, q)
         return max(0, self._limit[1] - self.steps)
 
+    def start_fit(self) -> int:
+        """Count one more fit under this ledger; returns how many started before it."""
+        self.fits += 1
+        return self.fits - 1
+
     def state_dict(self) -> dict:
-        return {"ledger": [list(s) for s in self.segments]}
+        return {"ledger": [list(s) for s in self.segments], "fits": self.fits}
 
     def load_state_dict(self, state: dict) -> None:
         self.segments = [list(s) for s in state["ledger"]]
+        # a checkpoint without the count (older versions) was written by at least one fit
+        self.fits = int(state.get("fits", 1))
         self._limit = None

@@ -22,13 +22,13 @@ from toolkit.lightning_internals import wrap_train_dataloader
 from . import accounting
 from .budget import Ledger
 from .errors import PrivacyError
-from .loader import private_loader, why_not_once_per_pass
+from .loader import private_loader
 from .mechanism import CLIPPING, privatize_
 from .per_sample import PerSampleGradients
 from .probe import batch_rows, probe_module
-from .step import StepGuard
-from .report import build_report, publish, without_training_metrics
+from .report import ADJACENCY, EPSILON_LOG, build_report, publish, without_training_metrics
 from .sampling import fresh_seed, step_generator
+from .step import StepGuard
 from .validate import (check_callbacks, check_not_sharded, check_number, check_optimizers,
                        check_step)
 
@@ -44,16 +44,21 @@ class DPSGD(L.Callback):
         max_grad_norm: C, the per-example clipping norm.
         accountant: ``prv`` (tight, Gopi et al. 2021) or ``rdp`` (Mironov 2017).
         clipping: ``flat`` (one norm per example) or ``per_layer`` (C/sqrt(K) per tensor).
-        sampling: ``poisson`` (default; replaces the training loader) or ``shuffle`` (keep
-            the loader; the weaker no-amplification analysis is used and reported).
+        sampling: ``poisson`` (default; add/remove adjacency) or ``shuffle`` (fixed-size
+            batches of a secret permutation per pass; no amplification, and only zero-out
+            adjacency, as reported and logged: ``dp/epsilon_zero_out``; docs/dp.md).
         loss_reduction: kept for old configs; the reduction is now read from the step that
             runs (:mod:`.rows`): example i's loss is the mean (or sum) of its own entries.
         hide_training_metrics: drop what the module logs from training hooks (the loss of
             a private batch is a release the epsilon does not cover).
         probe_examples: training examples the fit-start probe reads (:mod:`.probe`).
-        seed: fixes sampling and noise for reproducible runs. Whoever knows it can
-            recompute batches and noise, so the guarantee holds only while it is secret;
-            the default draws fresh OS entropy.
+        seed: fixes sampling and noise of the first fit of a fresh ledger, for reproducible
+            runs. Whoever knows it can recompute batches and noise, so the guarantee holds
+            only while it is secret and used for one run. Every later fit under the same
+            ledger (a second ``trainer.fit`` of this callback, any resume from a checkpoint)
+            draws fresh OS entropy whatever the seed: noise already released is never drawn
+            again, not even when a run resumes twice from one checkpoint. The default draws
+            fresh OS entropy for every fit.
     """
 
     privatizes_gradients = True  # FiniteGuard then checks only the released update
@@ -86,8 +91,9 @@ class DPSGD(L.Callback):
         self.sampling, self.loss_reduction, self.seed = sampling, loss_reduction, seed
         self.hide_training_metrics, self.probe_examples = hide_training_metrics, probe_examples
         if seed is not None:
-            warnings.warn("DPSGD(seed=...) makes sampling and noise reproducible: anyone who knows "
-                          "the seed can undo the noise, so keep it secret", stacklevel=2)
+            warnings.warn("DPSGD(seed=...) makes the first fit's sampling and noise reproducible: "
+                          "anyone who knows the seed can undo the noise, so keep it secret and use "
+                          "it for one run (later fits and resumes draw fresh noise)", stacklevel=2)
         self.budget = Ledger(delta, accountant, target_epsilon)
         self.sigma: float | None = None
         self.report: dict[str, Any] = {}
@@ -97,6 +103,8 @@ class DPSGD(L.Callback):
         self._pass_counted = False
         self._trainable: frozenset = frozenset()
         self._patched: set[str] = set()  # instance attributes we set on the module
+        self._run_seed: int | None = None  # this fit's seed (_fit_seed); None between fits
+        self.seeded = False  # whether this fit's noise and batches follow from ``seed``
 
     @property
     def ledger(self) -> list[list]:
@@ -112,8 +120,8 @@ class DPSGD(L.Callback):
             return
         check_step(trainer)
         check_callbacks(trainer.callbacks)
-        self._run_seed = trainer.strategy.broadcast(
-            self.seed if self.seed is not None else fresh_seed(), src=0)
+        self._entropy = trainer.strategy.broadcast(fresh_seed(), src=0)  # same on every rank
+        self._run_seed = None  # chosen once the checkpoint (if any) is restored: _fit_seed
         self._trainer = trainer
         wrap_train_dataloader(trainer, self._wrap)
         if self.hide_training_metrics and "log" not in vars(pl_module):
@@ -123,9 +131,18 @@ class DPSGD(L.Callback):
     def _wrap(self, loader):
         return self._private_loader(self._trainer, loader)
 
+    def _fit_seed(self) -> int:
+        """This fit's sampling seed, drawn once per fit after Lightning restored the ledger
+        (every strategy DP-SGD accepts restores before building the training loader)."""
+        if self._run_seed is None:
+            first = self.budget.start_fit() == 0
+            self.seeded = first and self.seed is not None
+            self._run_seed = self.seed if self.seeded else self._entropy
+        return self._run_seed
+
     def _private_loader(self, trainer, loader):
         self.data = private_loader(loader, self.sampling, trainer.world_size, trainer.global_rank,
-                                   self._run_seed, first_step=lambda: trainer.global_step)
+                                   self._fit_seed(), first_step=lambda: trainer.global_step)
         self._check_delta()
         return self.data.loader
 
@@ -160,11 +177,6 @@ class DPSGD(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._check_delta()
-        if self.sampling == "shuffle":  # after Lightning injected its DistributedSampler
-            why = why_not_once_per_pass(trainer.train_dataloader)
-            if why is not None:
-                raise PrivacyError(f"sampling='shuffle' needs each example at most once per pass, "
-                                   f"but {why}; use sampling='poisson'")
         if trainer.global_step > 0 and not self.ledger:
             raise PrivacyError(f"resuming at step {trainer.global_step} from a checkpoint without a "
                                "DP-SGD ledger: those steps were not private, so no epsilon can be "
@@ -173,7 +185,7 @@ class DPSGD(L.Callback):
         self._calibrate(trainer)
         self._probe(trainer, pl_module)
         self._pass_counted = False  # a resumed shuffled epoch may revisit examples: new pass
-        self._noise_seed = self._run_seed if self.seed is not None else fresh_seed()
+        self._noise_seed = self._fit_seed() if self.seeded else fresh_seed()  # rank 0 adds it
         if not self.budget.allows(self.sigma, self.sample_rate):
             trainer.should_stop = True
             rank_zero_info(f"DP-SGD: no step fits in target_epsilon={self.target_epsilon} "
@@ -181,7 +193,8 @@ class DPSGD(L.Callback):
         left = self.budget.remaining(self.sigma, self.sample_rate)
         rank_zero_info(f"DP-SGD: sigma={self.sigma:.4g} q={self.sample_rate:.5g} "
                        f"C={self.max_grad_norm} {self.accountant} delta={self.delta:g} "
-                       f"({self.sampling}); budget {'unbounded' if left == math.inf else int(left)} "
+                       f"({self.sampling}, {ADJACENCY[self.sampling]} adjacency); budget "
+                       f"{'unbounded' if left == math.inf else int(left)} "
                        f"more {'steps' if self.sampling == 'poisson' else 'passes'}")
 
     def _calibrate(self, trainer) -> None:
@@ -246,7 +259,8 @@ class DPSGD(L.Callback):
                                "each evaluation is a release of its own, which one noise draw "
                                "does not cover; use a first-order optimizer")
         clipped = self.guard.finish()  # the isolated path's sum, or None: the hooks' pieces
-        gen = step_generator(self._noise_seed, trainer.global_step, stream=1)
+        gen = step_generator(self._noise_seed, trainer.global_step, stream=1,
+                             device=self.engine.params[0].device if self.engine.params else None)
         self.last_step = privatize_(self.engine, self.max_grad_norm, self.sigma,
                                     self.data.expected_batch_size, self.clipping, gen,
                                     add_noise=trainer.is_global_zero,
@@ -281,8 +295,8 @@ class DPSGD(L.Callback):
                            f"target_epsilon={self.target_epsilon} (spent {self.epsilon():.4f})")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        L.LightningModule.log(pl_module, "dp/epsilon", self.epsilon(), on_step=False,
-                              on_epoch=True, sync_dist=False)
+        L.LightningModule.log(pl_module, EPSILON_LOG[self.sampling], self.epsilon(),
+                              on_step=False, on_epoch=True, sync_dist=False)
 
     # ------------------------------------------------------------------ reporting
     def epsilon(self) -> float:
@@ -297,9 +311,11 @@ class DPSGD(L.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             self._restore(pl_module)
+            self._run_seed = None
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore(pl_module)  # Lightning skips teardown hooks after an exception
+        self._run_seed = None
 
     def _restore(self, pl_module) -> None:
         """Leave the module as it was: no hooks, no instance attributes of ours."""
@@ -322,5 +338,9 @@ class DPSGD(L.Callback):
         if state_dict.get("sampling", self.sampling) != self.sampling:
             raise PrivacyError(f"the checkpoint's ledger was kept under sampling="
                                f"{state_dict['sampling']!r}; resume with the same sampling")
+        if self._run_seed is not None:
+            raise PrivacyError("the training loader was built before the checkpoint's DP-SGD "
+                               "ledger was restored, so this fit's noise could repeat an "
+                               "earlier fit's; use strategy='ddp' or a single device")
         self.budget.load_state_dict(state_dict)
         self.sigma = state_dict["sigma"]

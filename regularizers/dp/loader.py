@@ -1,11 +1,14 @@
 """The training loader a DP-SGD run may use, and what it tells the accountant.
 
 ``poisson``: the user's map-style dataset re-read in Poisson batches (:mod:`.sampling`),
-q = expected batch / N. ``shuffle``: the user's loader kept, one full-data release per
-pass (no amplification), which holds only if a pass shows each example at most once;
-loaders that cannot promise that (iterable datasets, samplers with replacement or
-weights, custom batch samplers, a DistributedSampler that pads by repeating examples)
-are refused.
+q = expected batch / N, add/remove adjacency. ``shuffle``: the user's map-style dataset
+re-read in fixed-size batches of a fresh secret permutation per pass
+(:class:`.sampling.ShuffleBatchSampler`), one full-data release per pass (no amplification)
+under zero-out adjacency (docs/dp.md, "Shuffling"). Either way loaders whose examples
+cannot be counted (iterable datasets, samplers with replacement or weights, custom batch
+samplers, a DistributedSampler that pads by repeating examples) are refused, and for
+``shuffle`` also loaders that ask for a fixed order (``shuffle=False``): DP-SGD would
+silently replace that order.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Iter
                               RandomSampler, SequentialSampler)
 
 from .errors import PrivacyError
-from .sampling import PoissonBatchSampler, PoissonLoader
+from .sampling import PoissonBatchSampler, PoissonLoader, ShuffleBatchSampler
 
 
 @dataclass
@@ -57,6 +60,17 @@ def why_not_once_per_pass(loader) -> str | None:
     return None
 
 
+def why_not_shuffled(loader: DataLoader) -> str | None:
+    """None if ``loader`` asks for a random order (``shuffle=True``), which DP-SGD then draws
+    itself from a secret seed; a reason if it asks for a fixed one."""
+    sampler = loader.batch_sampler.sampler
+    if isinstance(sampler, SequentialSampler) or (isinstance(sampler, DistributedSampler)
+                                                  and not sampler.shuffle):
+        return (f"its {type(sampler).__name__} asks for a fixed order (shuffle=False), which "
+                "the secret permutation would silently replace")
+    return None
+
+
 def private_loader(loader, sampling: str, world: int, rank: int, seed: int,
                    first_step: Callable[[], int]) -> PrivateData:
     why = why_not_once_per_pass(loader)
@@ -68,7 +82,14 @@ def private_loader(loader, sampling: str, world: int, rank: int, seed: int,
                            f"{sampling!r}: {why}. {fix}")
     n, bs = len(loader.dataset), batch_size(loader)
     if sampling == "shuffle":
-        return PrivateData(loader, n, 1.0, bs * world)
+        why = why_not_shuffled(loader)
+        if why is not None:
+            raise PrivacyError(f"sampling='shuffle' draws a secret random order, but {why}. "
+                               "Pass shuffle=True (DP-SGD replaces its order by one from its "
+                               "own secret seed), or use the default sampling='poisson'")
+        sampler = ShuffleBatchSampler(n, bs, world, rank, seed, first_step=first_step)
+        return PrivateData(PoissonLoader(loader.dataset, sampler, loader.collate_fn,
+                                         loader.num_workers, loader.pin_memory), n, 1.0, bs * world)
     expected = bs * world
     if expected > n:
         raise PrivacyError(f"expected batch {expected} (batch_size {bs} x {world} ranks) exceeds "

@@ -16,9 +16,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from toolkit.seeding import generator
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A generator for one (seed, step, stream): independent draws per step."""
-    return generator(seed, stream, step)
+def step_generator(seed: int, step: int, stream: int = 0,
+                   device: torch.device | str | None = None) -> torch.Generator:
+    """A generator for one (seed, step, stream): independent draws per step, on ``device``
+    (the noise is drawn where the gradients live; CPU and CUDA draws differ, both exact
+    Gaussians)."""
+    return generator(seed, stream, step, device=device)
 
 
 def fresh_seed() -> int:
@@ -53,7 +56,52 @@ class PoissonBatchSampler:
     def __iter__(self):
         t = self.first_step()
         for k in range(self.steps):
-            yield self.global_batch(t + k)[self.rank::self.world].tolist()
+            yield self.indices(t + k)
+
+    def indices(self, step: int) -> list[int]:
+        """This rank's examples at ``step``."""
+        return self.global_batch(step)[self.rank::self.world].tolist()
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class ShuffleBatchSampler:
+    """``sampling="shuffle"``: each pass is a fresh uniformly random permutation cut into
+    fixed-size global batches (the last incomplete one dropped), rank r taking rows
+    [r*B, (r+1)*B) of each; every example appears at most once per pass.
+
+    The permutation is drawn from (seed, global step at the start of the pass), so it is as
+    secret as the seed (DPSGD's fresh entropy by default) and not the data module's public
+    seed, and a new pass, fit or resume never reuses one.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, world: int = 1, rank: int = 0,
+                 seed: int | None = None, first_step: Callable[[], int] | None = None):
+        self.n, self.batch_size, self.world, self.rank = num_samples, batch_size, world, rank
+        self.steps = num_samples // (batch_size * world)
+        if self.steps == 0:
+            raise ValueError(f"{num_samples} examples cannot fill one global batch of "
+                             f"{batch_size} x {world} ranks; lower the batch size")
+        self.seed = fresh_seed() if seed is None else seed
+        self.first_step = first_step or (lambda: 0)
+
+    def set_epoch(self, epoch: int) -> None:  # the pass keys on its first step
+        pass
+
+    def permutation(self, step: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=step_generator(self.seed, step, stream=2))
+
+    def __iter__(self):
+        self._start = self.first_step()
+        self._perm = self.permutation(self._start)
+        for b in range(self.steps):
+            yield self.indices(self._start + b)
+
+    def indices(self, step: int) -> list[int]:
+        """This rank's examples at ``step`` of the pass being iterated."""
+        start = (step - self._start) * self.batch_size * self.world + self.rank * self.batch_size
+        return self._perm[start:start + self.batch_size].tolist()
 
     def __len__(self) -> int:
         return self.steps
@@ -75,7 +123,8 @@ def _empty_like_batch(dataset: Dataset, collate: Callable) -> object:
 
 
 class PoissonLoader:
-    """The training loader DP-SGD uses: a map-style dataset read in Poisson batches.
+    """The training loader DP-SGD uses: a map-style dataset read in Poisson batches (or,
+    with a :class:`ShuffleBatchSampler`, in the batches of a secret permutation).
 
     Not a ``DataLoader`` on purpose: Lightning would otherwise inject its own
     (fixed-size, shuffling) distributed sampler. ``TensorDataset`` batches are sliced

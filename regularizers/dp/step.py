@@ -145,10 +145,9 @@ class StepGuard:
         loader = self.dp.data.loader
         trainer = self.trainer
         if isinstance(loader, PoissonLoader):
-            sampler = loader.batch_sampler
-            idx = sampler.global_batch(trainer.global_step)[sampler.rank::sampler.world].tolist()
+            idx = loader.batch_sampler.indices(trainer.global_step)
             if len(idx) != B:
-                raise PrivacyError(f"the batch has {B} rows but the Poisson draw of step "
+                raise PrivacyError(f"the batch has {B} rows but the sampler's draw of step "
                                    f"{trainer.global_step} has {len(idx)} examples: a loader "
                                    "or batch hook changes the number of rows")
             out = []
@@ -158,12 +157,8 @@ class StepGuard:
                 one = self.module._on_before_batch_transfer(one, dataloader_idx=0)
                 out.append(trainer.strategy.batch_to_device(one, dataloader_idx=0))
             return out
-        if not self._collated_alone():
-            raise PrivacyError("this step needs per-example gradients computed alone, which "
-                               "needs each example collated alone; with sampling='shuffle' and "
-                               "a custom collate_fn the examples of a batch are unknown: use "
-                               "sampling='poisson'")
-        return [rows_of(batch, i) for i in range(B)]
+        raise PrivacyError(f"the training loader is a {type(loader).__name__}, not DP-SGD's: "
+                           "the examples of this batch are unknown")
 
     def _isolated(self, singles: list, batch_idx, args, kwargs):
         engine, dp = self.dp.engine, self.dp

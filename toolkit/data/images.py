@@ -12,6 +12,11 @@ from .idx import GET_DATA, DataError, find_split, read_idx
 from .samplers import resumable_loader
 
 
+# normalization="public": fixed constants, not statistics of any data set (the familiar MNIST
+# values 0.1307/0.3081 are the training set's own mean and std).
+PUBLIC_MEAN_STD = (0.5, 0.5)
+
+
 def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     """Indices of ``size`` examples, as equal a share of each class as ``size`` allows."""
     classes = labels.unique()
@@ -52,13 +57,22 @@ class ImageDataModule(L.LightningDataModule):
 
     The last ``val_size`` training examples (after a fixed shuffle) validate; the official
     test split tests. ``train_subset`` keeps a class-balanced subset of the rest.
-    Batches are ``(x, y)``: float images normalized by the training mean/std, int labels.
+    Batches are ``(x, y)``: float images in [0, 1] normalized, int labels.
+
+    ``normalization``: ``train`` (default) subtracts the training split's pixel mean and
+    divides by its std, statistics of the training data; ``public`` uses the fixed constants
+    :data:`PUBLIC_MEAN_STD` (maps [0, 1] to [-1, 1]), which depend on no example, as DP
+    training needs (docs/dp.md, "Which preprocessing is private").
     """
 
     def __init__(self, root: str | None = None, hub_name: str | None = "ylecun/mnist",
                  batch_size: int = 128, eval_batch_size: int = 1000, val_size: int = 5000,
-                 train_subset: int | None = None, seed: int = 0, num_workers: int = 0):
+                 train_subset: int | None = None, seed: int = 0, num_workers: int = 0,
+                 normalization: str = "train"):
         super().__init__()
+        if normalization not in ("train", "public"):
+            raise ValueError(f"normalization={normalization!r}: choose 'train' (the training "
+                             "split's mean/std) or 'public' (fixed constants, for DP training)")
         self.save_hyperparameters()
         self._loaded = False
 
@@ -84,7 +98,10 @@ class ImageDataModule(L.LightningDataModule):
         tr, va = perm[:len(x) - hp.val_size], perm[len(x) - hp.val_size:]
         if hp.train_subset is not None:
             tr = tr[balanced_subset(y[tr], hp.train_subset, hp.seed)]
-        self.mean, self.std = x[tr].mean().item(), x[tr].std().item()
+        if hp.normalization == "public":
+            self.mean, self.std = PUBLIC_MEAN_STD
+        else:
+            self.mean, self.std = x[tr].mean().item(), x[tr].std().item()
         norm = lambda t: (t - self.mean) / self.std
         self.num_classes = int(y.max()) + 1
         self.train_set = TensorDataset(norm(x[tr]), y[tr])

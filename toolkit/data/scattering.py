@@ -36,9 +36,9 @@ class ScatterImageDataModule(ImageDataModule):
     def __init__(self, root: str | None = None, hub_name: str | None = "ylecun/mnist",
                  batch_size: int = 128, eval_batch_size: int = 1000, val_size: int = 5000,
                  train_subset: int | None = None, seed: int = 0, num_workers: int = 0,
-                 J: int = 2, cache_dir: str | None = "runs/.cache"):
+                 J: int = 2, cache_dir: str | None = "runs/.cache", normalization: str = "train"):
         super().__init__(root, hub_name, batch_size, eval_batch_size, val_size, train_subset,
-                         seed, num_workers)
+                         seed, num_workers, normalization)
         self.save_hyperparameters()
 
     def setup(self, stage: str | None = None) -> None:
@@ -46,8 +46,11 @@ class ScatterImageDataModule(ImageDataModule):
             return
         super().setup(stage)
         hp = self.hparams
-        key = hashlib.sha1(repr((str(Path(hp.root).resolve()) if hp.root else hp.hub_name,
-                                 hp.val_size, hp.train_subset, hp.seed, hp.J)).encode()).hexdigest()[:12]
+        parts = (str(Path(hp.root).resolve()) if hp.root else hp.hub_name,
+                 hp.val_size, hp.train_subset, hp.seed, hp.J)
+        if hp.normalization != "train":  # the default keeps the keys of existing caches
+            parts += (hp.normalization,)
+        key = hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
         cache = Path(hp.cache_dir) / f"scatter_{key}.pt" if hp.cache_dir else None
         sets = (self.train_set, self.val_set, self.test_set)
         if cache is not None and cache.is_file():

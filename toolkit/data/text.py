@@ -12,6 +12,10 @@ from ..seeding import generator
 from .samplers import resumable_loader, trainer_position
 
 EMBEDDED = Path(__file__).with_name("tinyshakespeare.txt")
+# vocab="printable": newline, the 95 printable ASCII characters, and one symbol every other
+# character maps to. Fixed in the code, so the vocabulary and every token id depend on no
+# training example (a corpus-derived character set is a release of the training text).
+PRINTABLE = "\n" + "".join(map(chr, range(32, 127))) + "\ufffd"
 
 
 def load_text(path: str | None = None, hub_name: str | None = None, hub_split: str = "train",
@@ -113,14 +117,26 @@ class TextDataModule(L.LightningDataModule):
 
     ``train_blocks``: ``random`` (default) streams random windows; ``disjoint`` reads a
     fixed map-style set of non-overlapping windows, shuffled each epoch, which DP-SGD can
-    Poisson-sample with one block as the privacy unit."""
+    Poisson-sample with one block as the privacy unit.
+
+    ``vocab`` (character level only): ``corpus`` (default) is the sorted set of the corpus's
+    characters, which depends on the training text; ``printable`` is the fixed
+    :data:`PRINTABLE` (newline, printable ASCII, and U+FFFD for every other character), which
+    depends on no example, as DP training needs (docs/dp.md, "Which preprocessing is
+    private")."""
 
     def __init__(self, path: str | None = None, hub_name: str | None = None,
                  hub_split: str = "train", text_column: str = "text", block_size: int = 128,
                  batch_size: int = 64, train_fraction: float = 0.9, val_blocks: int = 512,
                  seed: int = 0, num_workers: int = 0, train_blocks: str = "random",
-                 tokenizer: str | None = None):
+                 tokenizer: str | None = None, vocab: str = "corpus"):
         super().__init__()
+        if vocab not in ("corpus", "printable"):
+            raise ValueError(f"vocab={vocab!r}: choose 'corpus' (the corpus's characters) or "
+                             "'printable' (a fixed public set, for DP training)")
+        if vocab != "corpus" and tokenizer is not None:
+            raise ValueError(f"vocab={vocab!r} sets a character vocabulary, but tokenizer="
+                             f"{tokenizer!r} brings its own: give one of the two")
         if train_blocks not in ("random", "disjoint"):
             raise ValueError(f"train_blocks={train_blocks!r}: choose 'random' or 'disjoint'")
         if not 0 < train_fraction < 1:
@@ -137,9 +153,9 @@ class TextDataModule(L.LightningDataModule):
             ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             data = torch.tensor(ids, dtype=torch.long)
         else:
-            self.chars = sorted(set(text))
+            self.chars = sorted(set(text)) if vocab == "corpus" else list(PRINTABLE)
             self.stoi = {c: i for i, c in enumerate(self.chars)}
-            data = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
+            data = self.encode(text)
         n = int(train_fraction * len(data))
         self.train_data, self.val_data = data[:n], data[n:]
 
@@ -150,6 +166,9 @@ class TextDataModule(L.LightningDataModule):
     def encode(self, s: str) -> torch.Tensor:
         if self.tokenizer is not None:
             return torch.tensor(self.tokenizer(s, add_special_tokens=False)["input_ids"])
+        unknown = len(self.chars) - 1  # U+FFFD under vocab="printable"
+        if self.hparams.vocab == "printable":
+            return torch.tensor([self.stoi.get(c, unknown) for c in s], dtype=torch.long)
         return torch.tensor([self.stoi[c] for c in s], dtype=torch.long)
 
     def decode(self, ids) -> str:
