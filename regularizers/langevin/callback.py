@@ -9,7 +9,9 @@ from lightning.pytorch.callbacks import WeightAveraging
 
 from toolkit.seeding import generator, global_seed
 from ..step_hooks import StepHookCallback
-from .core import add_langevin_noise_
+from .core import add_langevin_noise_, add_sphere_noise_
+
+MANIFOLDS = ("euclidean", "sphere")
 
 
 class LangevinNoise(StepHookCallback):
@@ -26,13 +28,22 @@ class LangevinNoise(StepHookCallback):
     ``lightning.pytorch.callbacks.WeightAveraging`` (equal-weight average of all iterates,
     swapped in for validation/test and copied into the model at fit end), or
     :class:`IterateAveraging` below to start averaging after a burn-in.
+
+    ``manifold="sphere"``: each parameter stays on the sphere of its norm, as in spherical
+    Langevin dynamics (Wei, Damian & Lee, arXiv 2603.06028): the noise is drawn in the
+    tangent space and the parameter is retracted back to its norm (``add_sphere_noise_``).
     """
 
-    def __init__(self, temperature: float = 1e-6, seed: int | None = None):
+    def __init__(self, temperature: float = 1e-6, seed: int | None = None,
+                 manifold: str = "euclidean"):
         super().__init__()
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
-        self.temperature, self.seed = temperature, seed
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0 (T = 1/beta, the Gibbs "
+                             "measure exp(-L/T)); for plain SGD drop the LangevinNoise callback, "
+                             "keeping IterateAveraging for SGD + averaging")
+        if manifold not in MANIFOLDS:
+            raise ValueError(f"manifold={manifold!r}: choose one of {MANIFOLDS}")
+        self.temperature, self.seed, self.manifold = temperature, seed, manifold
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._seed = global_seed(self.seed)
@@ -41,10 +52,11 @@ class LangevinNoise(StepHookCallback):
     def after_step(self, optimizer) -> None:
         device = next(p.device for g in optimizer.param_groups for p in g["params"])
         gen = generator(self._seed, self.steps, device=device)
-        add_langevin_noise_(optimizer.param_groups, self.temperature, gen)
+        add = add_sphere_noise_ if self.manifold == "sphere" else add_langevin_noise_
+        add(optimizer.param_groups, self.temperature, gen)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "temperature": self.temperature}
+        return {**super().state_dict(), "temperature": self.temperature, "manifold": self.manifold}
 
 
 class IterateAveraging(WeightAveraging):
