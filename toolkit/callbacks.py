@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -15,14 +16,20 @@ from lightning.pytorch.callbacks import ProgressBar
 
 
 class RNGState(L.Callback):
-    """Keeps torch/numpy/python RNG states in the checkpoint so dropout, mixing and noise
-    continue exactly on resume (Lightning restores weights and loops, not RNGs)."""
+    """Keeps torch (CPU and every CUDA device), numpy and python RNG states in the checkpoint,
+    so dropout, mixing and noise continue exactly on resume (Lightning restores weights and
+    loops, not RNGs). Where exact resume holds (one CPU or CUDA process; DDP ranks that draw
+    alike): docs/devices.md and :func:`restore_cuda_rng`."""
 
     def state_dict(self) -> dict[str, Any]:
         # Plain tensors/ints only, so checkpoints load with torch.load(weights_only=True).
         name, keys, pos, has_gauss, gauss = np.random.get_state()
-        return {"rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}}
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+        if torch.cuda.is_available():  # one state per visible device, on CPU (ByteTensors)
+            rng["cuda"] = list(torch.cuda.get_rng_state_all())
+            rng["cuda_device"] = torch.cuda.current_device()
+        return {"rng": rng}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["rng"]
@@ -35,7 +42,27 @@ class RNGState(L.Callback):
             random.setstate(pending["python"])
             name, keys, pos, has_gauss, gauss = pending["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            restore_cuda_rng(pending.get("cuda"), pending.get("cuda_device", 0))
             self._pending = None
+
+
+def restore_cuda_rng(states: list[torch.Tensor] | None, saved_device: int = 0) -> None:
+    """Put saved per-device CUDA generator states back, then give this process's current
+    device the state of the device the saving process drew on (``saved_device``).
+
+    Under DDP only rank 0 writes the file, and rank r draws on ``cuda:r``: every rank is seeded
+    alike by ``seed_everything`` and draws the same number of values per step (same shapes),
+    so rank 0's device state is each rank's own, and the second step hands it to ``cuda:r``.
+    A checkpoint from a CPU run has no CUDA states (the generators keep their seeded state)."""
+    if not states or not torch.cuda.is_available():
+        return
+    n = torch.cuda.device_count()
+    if len(states) > n:
+        warnings.warn(f"the checkpoint holds RNG states of {len(states)} CUDA devices; this "
+                      f"process sees {n}: devices {n}..{len(states) - 1} are not restored")
+    torch.cuda.set_rng_state_all(states[:n])
+    if saved_device < len(states):
+        torch.cuda.set_rng_state(states[saved_device], torch.cuda.current_device())
 
 
 class PlainProgress(ProgressBar):
