@@ -128,26 +128,36 @@ class FiniteGuard(L.Callback):
     last good one. The error names the step, the batch and, for gradients, the parameters.
 
     Gradients are not checked under fp16 mixed precision: its GradScaler already skips steps
-    with overflowing gradients and lowers the scale, which is its normal operation."""
+    with overflowing gradients and lowers the scale, which is its normal operation.
+
+    The losses of the step (every micro-batch under gradient accumulation) and the gradient
+    norms are checked together just before the step: one host sync per optimizer step, the
+    price of stopping before a non-finite update is applied (docs/devices.md)."""
 
     _batch_idx = -1
+
+    def __init__(self):
+        self._losses: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_idx = batch_idx
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._stop(trainer, f"the loss is {loss.detach().flatten()[:4].tolist()}")
+        # kept on the device: the one host sync of the check happens before the step
+        self._losses.append(loss.detach())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        losses, self._losses = self._losses, []
+        flags = [torch.isfinite(l).all() for l in losses]
+        grads = [] if getattr(trainer.precision_plugin, "scaler", None) is not None else \
+            [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            flags.append(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all())
+        if not flags or bool(torch.stack(flags).all()):  # the step's one host sync
             return
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])  # one check per step
-        if bool(torch.isfinite(norms).all()):
-            return
+        for loss in losses:
+            if not bool(torch.isfinite(loss).all()):
+                self._stop(trainer, f"the loss is {loss.flatten()[:4].tolist()}")
         names = {id(p): n for n, p in pl_module.named_parameters()}
         bad = [names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]
                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
