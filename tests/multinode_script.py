@@ -73,7 +73,7 @@ def build(plugin: str, world: int, data_root: Path):
         model = Classifier(arch="mlp", hidden=[16], optimizer="muon", warmup_steps=0,
                            lr_decay="constant", optimizer_kwargs=NS_FP32)
         dm = ImageDataModule(root=str(data_root), val_size=100, batch_size=batch)
-        return model, dm, [regularizers.KMixup(k=2, alpha=1.0, num_classes=10, seed=1)]
+        return model, dm, [regularizers.KMixup(k=1, alpha=1.0, num_classes=10, seed=1)]
     model = LanguageModel(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=16,
                           optimizer=plugin, optimizer_kwargs=KWARGS[plugin], warmup_steps=0,
                           lr_decay="constant")
