@@ -29,13 +29,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, data: Path, plugins, nodes=1, devices=1, stop=9, resume: Path | None = None):
-    """Run tests/multinode_script.py once per node, concurrently, and wait for all."""
+def launch(out: Path, data: Path, plugins, nodes=1, devices=1, stop=9, resume: Path | None = None,
+           slurm: bool = False):
+    """Run tests/multinode_script.py once per node, concurrently, and wait for all; ``slurm``:
+    with the variables ``srun`` sets for one task per node instead of NODE_RANK/WORLD_SIZE."""
     cmd = [sys.executable, "-m", "tests.multinode_script", "--plugins", ",".join(plugins),
            "--nodes", str(nodes), "--devices", str(devices), "--stop", str(stop),
            "--out", str(out), "--data", str(data)] + (["--resume", str(resume)] if resume else [])
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
+           and k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     port = str(_port())
     procs = []
@@ -43,6 +45,12 @@ def launch(out: Path, data: Path, plugins, nodes=1, devices=1, stop=9, resume: P
         node_env = env if nodes * devices == 1 else {
             **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node),
             "WORLD_SIZE": str(nodes * devices)}
+        if slurm:
+            node_env = {**env, "MASTER_PORT": port, "SLURM_JOB_NAME": "multinode",
+                        "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1",
+                        "SLURM_NNODES": str(nodes), "SLURM_NTASKS": str(nodes),
+                        "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": str(node),
+                        "SLURM_LOCALID": "0", "SLURM_NODEID": str(node)}
         procs.append(subprocess.Popen(cmd, cwd=out.parent, env=node_env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -129,3 +137,15 @@ def test_two_nodes_of_two_processes_use_global_ranks(runs):
     # 4 ranks x batch 2 == 1 process x batch 8: Muon's split of Newton-Schulz over 4 owners
     assert_close_ckpt(load(runs["straight"] / "muon" / "step=3.ckpt"),
                       load(four / "muon" / "last.ckpt"), "2 nodes x 2 processes")
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_as_srun_tasks_train_like_one_process(runs):
+    # what `srun` gives each task (docs/distributed.md's sbatch example): Lightning's
+    # SLURMEnvironment takes the ranks and the address from the SLURM_* variables
+    out = launch(runs["root"] / "srun", runs["data"], ["muon"], nodes=2, stop=3, slurm=True)
+    ranks = [json.loads((out / "muon" / f"ranks{r}.json").read_text()) for r in (0, 1)]
+    assert {r["cluster"] for r in ranks} == {"SLURMEnvironment"}
+    assert [(r["global_rank"], r["node_rank"]) for r in ranks] == [(0, 0), (1, 1)]
+    assert_close_ckpt(load(runs["straight"] / "muon" / "step=3.ckpt"),
+                      load(out / "muon" / "last.ckpt"), "2 srun tasks")
