@@ -57,7 +57,7 @@ class Ranks(L.Callback):
                 "data_rank": getattr(sampler, "rank", stream),
                 "kmixup_rank": mixers[0]._rank if mixers else None,
                 "adds_dp_noise": trainer.is_global_zero,
-                "cluster": type(trainer.strategy.cluster_environment).__name__,
+                "cluster": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
                 "env": {k: os.environ.get(k) for k in ("NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}}
         (self.out / f"ranks{trainer.global_rank}.json").write_text(json.dumps(info))
 
