@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--resume", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--data", required=True)
+    ap.add_argument("--strategy", default="ddp", help="with more than one process: ddp or fsdp2")
     a = ap.parse_args()
     torch.set_num_threads(1)
     data_root = Path(a.data)  # a fake MNIST folder the test wrote
@@ -102,7 +103,7 @@ def main() -> None:
         cbs += [ModelCheckpoint(dirpath=out, filename="{step}", save_last=True,
                                 save_top_k=-1, every_n_train_steps=3), StopAt(a.stop), Ranks(out)]
         t = trainer(max_steps=TOTAL, accelerator="cpu", devices=a.devices, num_nodes=a.nodes,
-                    strategy="ddp" if world > 1 else "auto", callbacks=cbs, logger=False,
+                    strategy=a.strategy if world > 1 else "auto", callbacks=cbs, logger=False,
                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                     num_sanity_val_steps=0, default_root_dir=out)
         ckpt = Path(a.resume) / plugin / "last.ckpt" if a.resume else None

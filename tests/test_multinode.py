@@ -30,12 +30,13 @@ def _port() -> int:
 
 
 def launch(out: Path, data: Path, plugins, nodes=1, devices=1, stop=9, resume: Path | None = None,
-           slurm: bool = False):
+           slurm: bool = False, strategy: str = "ddp"):
     """Run tests/multinode_script.py once per node, concurrently, and wait for all; ``slurm``:
     with the variables ``srun`` sets for one task per node instead of NODE_RANK/WORLD_SIZE."""
     cmd = [sys.executable, "-m", "tests.multinode_script", "--plugins", ",".join(plugins),
            "--nodes", str(nodes), "--devices", str(devices), "--stop", str(stop),
-           "--out", str(out), "--data", str(data)] + (["--resume", str(resume)] if resume else [])
+           "--out", str(out), "--data", str(data), "--strategy", strategy] + \
+        (["--resume", str(resume)] if resume else [])
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
            and k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -149,3 +150,14 @@ def test_two_nodes_launched_as_srun_tasks_train_like_one_process(runs):
     assert [(r["global_rank"], r["node_rank"]) for r in ranks] == [(0, 0), (1, 1)]
     assert_close_ckpt(load(runs["straight"] / "muon" / "step=3.ckpt"),
                       load(out / "muon" / "last.ckpt"), "2 srun tasks")
+
+
+@pytest.mark.slow
+def test_two_nodes_under_fsdp2_train_like_one_process(runs):
+    from tests.test_fsdp2_cli import assert_same
+    from tests.test_fsdp2_cli import load as load_any  # a file, or a sharded checkpoint folder
+    out = launch(runs["root"] / "fsdp2", runs["data"], ["adamw", "muon"], nodes=2, stop=3,
+                 strategy="fsdp2")
+    for name in ("adamw", "muon"):
+        assert_same(load_any(runs["straight"] / name / "step=3.ckpt"),
+                    load_any(out / name / "last.ckpt"))
