@@ -139,6 +139,9 @@ class FiniteGuard(L.Callback):
     def __init__(self):
         self._losses: list[torch.Tensor] = []
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._losses = []  # nothing left over from a fit that stopped mid-step
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_idx = batch_idx
 
