@@ -1,6 +1,7 @@
 """Langevin noise on FSDP2-sharded parameters (2 CPU processes, gloo): each rank adds the rows
 of the noise that one process adds to the whole tensor, so the sharded run's weights are the
 single-process weights."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -39,6 +40,7 @@ def _worker(rank, world, store, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp2_langevin_noise_equals_one_process(tmp_path):
     out = tmp_path / "sharded.pt"
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
