@@ -110,7 +110,8 @@ def _ns(x: torch.Tensor, steps: int, dtype: torch.dtype, matmul: str = "auto") -
 
 
 def distributed_world() -> tuple[int, int]:
-    """(rank, world) of the default process group, (0, 1) when not distributed."""
+    """(global rank, world) of the default process group, (0, 1) when not distributed: the
+    owner split uses the global rank, never a node-local one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
