@@ -113,13 +113,12 @@ def test_dp_sgd_ledger_and_noise_continue_across_node_counts(runs):
     moved = load(runs["back"] / "dpsgd" / "last.ckpt")
     a, b = dp_state(straight), dp_state(moved)
     assert a.keys() == b.keys()
+    assert straight["global_step"] == moved["global_step"] == 9
     for k in a:  # the privacy ledger: the same steps charged at the same (sigma, q)
         assert a[k] == b[k], k
-    # noise continued: the weights after 9 noisy steps agree (asserted in the test above);
-    # without noise they would be far apart
-    w = straight["state_dict"]["model.net.0.weight"] if "model.net.0.weight" in straight["state_dict"] \
-        else next(v for k, v in straight["state_dict"].items() if k.endswith("weight"))
-    assert torch.isfinite(w).all()
+    assert sum(seg[-1] for seg in a["ledger"]) == 9  # (sigma, q, steps) segments: all 9 charged
+    # the noise stream continued across 2 -> 1 -> 2 nodes: the weights after 9 noisy steps
+    # agree with the straight run's in the parametrized test above ("dpsgd")
 
 
 @pytest.mark.slow
