@@ -14,7 +14,8 @@ an fp32 GEMM of the same bf16 operands, rounded back to bf16. That is what a bf1
 computes (fp32 accumulation, bf16 output), so it differs from the reference only in
 accumulation order (~1% relative after five steps, a third of the gap between the reference
 and torch.optim.Muon's addmm form), but on CPUs without bf16 units (no AVX512-BF16 / AMX)
-it is ~3x faster. ``"auto"`` takes ``"bf16"`` on GPUs and bf16-capable CPUs, else ``"fp32"``.
+it is ~3x faster. ``"auto"`` takes ``"bf16"`` on GPUs with bf16 units (NVIDIA sm_80+, ROCm) and
+bf16-capable CPUs, else ``"fp32"`` (:func:`bf16_units` is the decision).
 
 Under ``torch.distributed`` each rank orthogonalizes only the matrices it owns (a
 deterministic greedy split by flop count) and the bf16 results are all-gathered, so every
@@ -49,12 +50,28 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     return _ns(as_matrix(g), steps, dtype, matmul)
 
 
+def bf16_units(device_type: str, cuda_capability: tuple[int, int] | None = None,
+               hip: bool = False, cpu_bf16: bool = False) -> bool:
+    """The ``ns_matmul="auto"`` decision, from device facts alone: bf16 products where bf16
+    GEMMs run on bf16 units. NVIDIA from compute capability 8.0 (A100, H100, RTX 30xx on;
+    V100/T4 emulate bf16 slower than fp32 GEMMs of the same operands), ROCm GPUs (bf16 on
+    MI100 on), CPUs with AVX512-BF16 or AMX; other accelerators (MPS, XPU) take bf16."""
+    if device_type == "cpu":
+        return cpu_bf16
+    if device_type == "cuda" and not hip:
+        return cuda_capability is None or tuple(cuda_capability) >= (8, 0)
+    return True
+
+
 def native_bf16_gemm(device: torch.device) -> bool:
-    """Whether bf16 GEMMs run on bf16 units here (GPUs; CPUs with AVX512-BF16 or AMX)."""
-    if device.type != "cpu":
-        return True
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, f, lambda: False)() for f in probes)
+    """:func:`bf16_units` for ``device`` on this machine."""
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return bf16_units("cpu", cpu_bf16=any(getattr(torch.cpu, f, lambda: False)() for f in probes))
+    if device.type == "cuda":
+        return bf16_units("cuda", torch.cuda.get_device_capability(device),
+                          hip=torch.version.hip is not None)
+    return bf16_units(device.type)
 
 
 def _resolve(matmul: str, device: torch.device) -> str:
@@ -93,7 +110,8 @@ def _ns(x: torch.Tensor, steps: int, dtype: torch.dtype, matmul: str = "auto") -
 
 
 def distributed_world() -> tuple[int, int]:
-    """(rank, world) of the default process group, (0, 1) when not distributed."""
+    """(global rank, world) of the default process group, (0, 1) when not distributed: the
+    owner split uses the global rank, never a node-local one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -156,6 +156,8 @@ def directions(opt, entries: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> l
     """DTensor directions of ``entries`` = (group, DTensor param, local momentum rows), each
     computed by ``opt.directions`` on the full matrix at its owner rank (see module doc)."""
     mesh = entries[0][1].device_mesh
+    # the rank's coordinate on the 1-D data-parallel mesh (= its global rank on the toolkit's
+    # mesh over all processes), not the node-local rank
     group, rank, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
     params = [p for _, p, _ in entries]
     owner = _owners([torch.Size((p.shape[0], math.prod(p.shape[1:]))) for p in params], world)

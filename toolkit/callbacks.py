@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -15,14 +16,20 @@ from lightning.pytorch.callbacks import ProgressBar
 
 
 class RNGState(L.Callback):
-    """Keeps torch/numpy/python RNG states in the checkpoint so dropout, mixing and noise
-    continue exactly on resume (Lightning restores weights and loops, not RNGs)."""
+    """Keeps torch (CPU and every CUDA device), numpy and python RNG states in the checkpoint,
+    so dropout, mixing and noise continue exactly on resume (Lightning restores weights and
+    loops, not RNGs). Where exact resume holds (one CPU or CUDA process; DDP ranks that draw
+    alike): docs/devices.md and :func:`restore_cuda_rng`."""
 
     def state_dict(self) -> dict[str, Any]:
         # Plain tensors/ints only, so checkpoints load with torch.load(weights_only=True).
         name, keys, pos, has_gauss, gauss = np.random.get_state()
-        return {"rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}}
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+        if torch.cuda.is_available():  # one state per visible device, on CPU (ByteTensors)
+            rng["cuda"] = list(torch.cuda.get_rng_state_all())
+            rng["cuda_device"] = torch.cuda.current_device()
+        return {"rng": rng}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["rng"]
@@ -35,7 +42,27 @@ class RNGState(L.Callback):
             random.setstate(pending["python"])
             name, keys, pos, has_gauss, gauss = pending["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            restore_cuda_rng(pending.get("cuda"), pending.get("cuda_device", 0))
             self._pending = None
+
+
+def restore_cuda_rng(states: list[torch.Tensor] | None, saved_device: int = 0) -> None:
+    """Put saved per-device CUDA generator states back, then give this process's current
+    device the state of the device the saving process drew on (``saved_device``).
+
+    Under DDP only rank 0 writes the file, and rank r draws on ``cuda:r``: every rank is seeded
+    alike by ``seed_everything`` and draws the same number of values per step (same shapes),
+    so rank 0's device state is each rank's own, and the second step hands it to ``cuda:r``.
+    A checkpoint from a CPU run has no CUDA states (the generators keep their seeded state)."""
+    if not states or not torch.cuda.is_available():
+        return
+    n = torch.cuda.device_count()
+    if len(states) > n:
+        warnings.warn(f"the checkpoint holds RNG states of {len(states)} CUDA devices; this "
+                      f"process sees {n}: devices {n}..{len(states) - 1} are not restored")
+    torch.cuda.set_rng_state_all(states[:n])
+    if saved_device < len(states):
+        torch.cuda.set_rng_state(states[saved_device], torch.cuda.current_device())
 
 
 class PlainProgress(ProgressBar):
@@ -103,6 +130,10 @@ class FiniteGuard(L.Callback):
     Gradients are not checked under fp16 mixed precision: its GradScaler already skips steps
     with overflowing gradients and lowers the scale, which is its normal operation.
 
+    The losses of the step (every micro-batch under gradient accumulation) and the gradient
+    norms are checked together just before the step: one host sync per optimizer step, the
+    price of stopping before a non-finite update is applied (docs/devices.md).
+
     Under a callback that privatizes gradients (``privatizes_gradients``, e.g. DPSGD) the
     loss is private: one example's non-finite loss would stop the run at a data-dependent
     step. Then only the released, noised update is checked (DPSGD writes it after the
@@ -114,24 +145,33 @@ class FiniteGuard(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._private = any(getattr(cb, "privatizes_gradients", False) for cb in trainer.callbacks)
 
+    def __init__(self):
+        self._losses: list[torch.Tensor] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._losses = []  # nothing left over from a fit that stopped mid-step
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_idx = batch_idx
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self._private:
             return
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._stop(trainer, f"the loss is {loss.detach().flatten()[:4].tolist()}")
+        # kept on the device: the one host sync of the check happens before the step
+        self._losses.append(loss.detach())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        losses, self._losses = self._losses, []
+        flags = [torch.isfinite(l).all() for l in losses]
+        grads = [] if getattr(trainer.precision_plugin, "scaler", None) is not None else \
+            [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            flags.append(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all())
+        if not flags or bool(torch.stack(flags).all()):  # the step's one host sync
             return
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])  # one check per step
-        if bool(torch.isfinite(norms).all()):
-            return
+        for loss in losses:
+            if not bool(torch.isfinite(loss).all()):
+                self._stop(trainer, f"the loss is {loss.flatten()[:4].tolist()}")
         names = {id(p): n for n, p in pl_module.named_parameters()}
         bad = [names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]
                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]

@@ -66,6 +66,7 @@ class KMixup(BatchTransform):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._rank, self._seed = trainer.global_rank, global_seed(self.seed)
         self._classes = self._find_num_classes(trainer, pl_module)
+        self._checked = False  # target values are checked on a fit's first batch (host syncs)
         super().on_fit_start(trainer, pl_module)
 
     def transform_batch(self, batch, pl_module):
@@ -123,7 +124,10 @@ class KMixup(BatchTransform):
                         f"or a dict; got {type(batch).__name__}")
 
     def generator(self) -> torch.Generator:
-        """The generator of the next batch: a pure function of (seed, rank, batches mixed)."""
+        """The generator of the next batch: a pure function of (seed, global rank, batches
+        mixed). A CPU generator on every device, deliberately: lambda goes through scipy's
+        ``betaincinv`` and the OT matching through scipy on the host anyway, and the stream is
+        then the same on CPU and GPU; the permutation (n integers) is copied to the device."""
         return generator(self._seed, self._rank, self.batches_mixed)
 
     def mix_batch(self, batch, pl_module=None):
@@ -140,7 +144,9 @@ class KMixup(BatchTransform):
                              "module or datamodule a num_classes attribute/hparam")
         feats = self._features(pl_module) if pl_module is not None else None
         xm, ym = kmixup_batch(x, y, self.k, self.alpha, self._classes, self.generator(),
-                              self.cost, feats, self.solver)
+                              self.cost, feats, self.solver,
+                              check_values=not getattr(self, "_checked", False))
+        self._checked = True
         self.batches_mixed += 1
         return rebuild(xm, ym)
 

@@ -125,14 +125,21 @@ def kmixup_partners(x: torch.Tensor, k: int, generator: torch.Generator | None =
     return partner
 
 
-def soft_targets(y: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
-    """Probability rows (n, C) from class indices (n,) or probability rows, with clear errors."""
+def soft_targets(y: torch.Tensor, num_classes: int | None = None, check_values: bool = True
+                 ) -> torch.Tensor:
+    """Probability rows (n, C) from class indices (n,) or probability rows, with clear errors.
+
+    ``check_values=False`` skips the checks that read values (index range, rows summing to
+    1): each is a host sync on a GPU, so the callbacks check the first batch of a fit only.
+    Shapes and dtypes are always checked."""
     if y.is_floating_point():
         if y.ndim != 2:
             raise ValueError(f"float targets of shape {tuple(y.shape)} are neither class indices "
                              "(int, shape N) nor probability rows (float, shape N x C)")
         if num_classes is not None and y.shape[1] != num_classes:
             raise ValueError(f"soft targets have {y.shape[1]} columns but num_classes={num_classes}")
+        if not check_values:
+            return y
         if (y < 0).any() or not torch.allclose(y.sum(1), torch.ones_like(y[:, 0]), atol=1e-4):
             raise ValueError("soft targets must be probability rows: non-negative, summing to 1")
         return y
@@ -141,16 +148,18 @@ def soft_targets(y: torch.Tensor, num_classes: int | None = None) -> torch.Tenso
                          "indices (int, shape N) nor probability rows (float, shape N x C)")
     if num_classes is None:
         raise ValueError("unknown number of classes for integer targets: pass num_classes")
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+    if check_values and len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"class indices span [{int(y.min())}, {int(y.max())}], outside "
                          f"[0, {num_classes}) for num_classes={num_classes}")
     return torch.nn.functional.one_hot(y.long(), num_classes).float()
 
 
 def mix(x: torch.Tensor, y: torch.Tensor, partner: torch.Tensor, lam: float,
-        num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        num_classes: int | None = None, check_values: bool = True
+        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Displacement interpolation along the pairs: lam * own + (1 - lam) * partner's."""
-    t = soft_targets(y, num_classes).to(x.dtype if x.is_floating_point() else torch.float32)
+    t = soft_targets(y, num_classes, check_values)
+    t = t.to(x.dtype if x.is_floating_point() else torch.float32)
     return lam * x + (1 - lam) * x[partner], lam * t + (1 - lam) * t[partner]
 
 
@@ -158,7 +167,8 @@ def kmixup_batch(x: torch.Tensor, y: torch.Tensor, k: int, alpha: float,
                  num_classes: int | None = None, generator: torch.Generator | None = None,
                  cost: str = "sqeuclidean",
                  features: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 solver: str = "lsa") -> tuple[torch.Tensor, torch.Tensor]:
+                 solver: str = "lsa", check_values: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k-mixup of one batch: mixed inputs (same shape as ``x``) and soft targets (n, C).
 
     ``y`` holds class indices (needs ``num_classes``) or probability rows. ``generator``
@@ -166,12 +176,12 @@ def kmixup_batch(x: torch.Tensor, y: torch.Tensor, k: int, alpha: float,
     blocks are formed and how n not divisible by k is handled) and lambda. ``features`` is a
     tensor or a callable ``x -> features`` measuring the matching cost (manifold k-mixup).
     """
-    t = soft_targets(y, num_classes)  # validate targets before spending time on matching
+    t = soft_targets(y, num_classes, check_values)  # validate before spending time on matching
     if callable(features):
         with torch.no_grad():
             features = features(x)
     partner = kmixup_partners(x, k, generator, cost, features, solver)
-    return mix(x, t, partner, sample_lambda(alpha, generator))
+    return mix(x, t, partner, sample_lambda(alpha, generator), check_values=False)
 
 
 def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, num_classes: int | None = None,

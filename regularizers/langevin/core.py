@@ -12,12 +12,16 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from optimizers.sharded import is_dtensor
 
 
 @torch.no_grad()
 def add_langevin_noise_(param_groups, temperature: float, generator: torch.Generator) -> None:
     """Add sqrt(2 * group["lr"] * temperature) * N(0, I) to every parameter of every group,
-    in place, drawing from ``generator`` (whose device must be the parameters')."""
+    in place, drawing from ``generator`` (whose device must be the parameters'). FSDP2
+    (DTensor) parameters get the rows of the noise one process would add."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0")
     for group in param_groups:
@@ -29,7 +33,15 @@ def add_langevin_noise_(param_groups, temperature: float, generator: torch.Gener
             continue
         for p in group["params"]:
             xi = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-            p.add_(xi, alpha=std)
+            if is_dtensor(p):
+                # FSDP2: every rank draws the whole tensor (one stream, as one process) and
+                # adds the block it holds
+                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
+                                                                      p.placements)
+                block = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+                p.to_local().add_(xi[block], alpha=std)
+            else:
+                p.add_(xi, alpha=std)
 
 
 def tangent(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ class ResumableLoader(DataLoader):
 
 
 def trainer_position(module) -> tuple[int, int, int, int]:
-    """(world_size, rank, batches done this epoch, batches done in total) of the
+    """(world_size, global rank, batches done this epoch, batches done in total) of the
     module's trainer; zeros and world 1 when no trainer is attached.
 
     Counts ``processed`` batches (see :func:`toolkit.lightning_internals.batches_processed`).

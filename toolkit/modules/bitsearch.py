@@ -152,8 +152,9 @@ class BitWidthSearch(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        # a generator per step: the sample is a function of (seed, step), so resume is exact
-        gen = generator(self.hparams.sample_seed, self.global_step)
+        # a generator per step: the sample is a function of (seed, step), so resume is exact;
+        # on the logits' device, where gumbel_straight_through draws
+        gen = generator(self.hparams.sample_seed, self.global_step, device=self.logits.device)
         if self.hparams.method == "rco":
             onehot, _ = gumbel_straight_through(self.logits, self._tau(), gen, costs=self.costs,
                                                 budget=self.budget)

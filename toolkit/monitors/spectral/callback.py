@@ -29,6 +29,8 @@ class SpectralMonitor(StepMonitor):
 
     def _vector(self, key: str, M: torch.Tensor) -> torch.Tensor:
         if key not in self.vectors:
+            # drawn on CPU deliberately, once per matrix: the same start on every device;
+            # power_iteration moves it once and returns it on the weight's device
             g = generator(self.seed, len(self.vectors))
             self.vectors[key] = torch.randn(M[0].numel(), generator=g)
         return self.vectors[key]
