@@ -29,13 +29,8 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
 class Classifier(ClassifierSteps, TrainModule):
     def __init__(self, arch: str = "cnn", num_classes: int = 10, in_channels: int = 1,
                  image_size: int = 28, width: int = 32, norm: str = "batch",
-                 activation: str = "relu", hidden: list[int] | None = None,
-                 optimizer: str = "adamw", lr: float | None = None, weight_decay: float = 0.0,
-                 optimizer_kwargs: dict[str, Any] | None = None, warmup_steps: int = 0,
-                 lr_decay: str = "cosine", min_lr_ratio: float = 0.0):
-        super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
-                         min_lr_ratio)
-        self.save_hyperparameters()
+                 activation: str = "relu", hidden: list[int] | None = None, **optim: Any):
+        super().__init__(**optim)  # optimizer, lr, ...: OptimizerConfig (CLASSIFIER_DEFAULTS)
         if arch == "cnn":
             self.model: nn.Module = SmallCNN(in_channels, num_classes, width, norm,
                                              activation=activation, image_size=image_size)
