@@ -8,6 +8,7 @@ import torchmetrics
 from torch import nn
 
 from ..models import MLP, GNLinear, SmallCNN, TanhCNN
+from ..batch_keys import input_target_keys
 from .base import ClassifierSteps, TrainModule
 
 ARCHS = ("cnn", "mlp", "tanh_cnn", "gn_linear")
@@ -16,12 +17,8 @@ ARCHS = ("cnn", "mlp", "tanh_cnn", "gn_linear")
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` from a pair or a dict with image/label-like keys."""
     if isinstance(batch, dict):
-        x = next((batch[k] for k in ("x", "image", "input", "inputs", "pixel_values") if k in batch), None)
-        y = next((batch[k] for k in ("y", "label", "labels", "target", "targets") if k in batch), None)
-        if x is None or y is None:
-            raise KeyError(f"batch dict keys {sorted(batch)} name no input/label pair "
-                           "(use 'x' and 'y')")
-        return x, y
+        xk, yk = input_target_keys(batch, "Classifier")
+        return batch[xk], batch[yk]
     x, y = batch
     return x, y
 

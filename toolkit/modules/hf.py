@@ -16,6 +16,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from ..batch_keys import input_target_keys
 from .base import ClassifierSteps, LMSteps, TrainModule, cross_entropy
 from .optim_config import LM_DEFAULTS
 
@@ -179,17 +180,13 @@ class HFClassifier(ClassifierSteps, _HFModule):
             return batch
         emb = self.model.get_input_embeddings()(x)
         if isinstance(batch, dict):
-            return {**batch, next(k for k in ("x", "input_ids") if k in batch): emb}
+            return {**batch, input_target_keys(batch, "HFClassifier")[0]: emb}
         return type(batch)([emb, y, *batch[2:]])
 
     def _split(self, batch):
         if isinstance(batch, dict):
-            x = next((batch[k] for k in ("x", "input_ids", "inputs_embeds") if k in batch), None)
-            y = next((batch[k] for k in ("y", "labels", "label") if k in batch), None)
-            if x is None or y is None:
-                raise KeyError(f"HFClassifier: batch keys {sorted(batch)} name no input/label "
-                               "pair (use input_ids or x, and labels or y)")
-            return x, y, batch.get("attention_mask")
+            xk, yk = input_target_keys(batch, "HFClassifier")
+            return batch[xk], batch[yk], batch.get("attention_mask")
         return batch[0], batch[1], None
 
     def classify(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
