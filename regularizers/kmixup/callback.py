@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 
 from toolkit.batch_keys import INPUT_KEYS, TARGET_KEYS, input_target_keys
