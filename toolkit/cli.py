@@ -113,7 +113,7 @@ class ToolkitCLI(LightningCLI):
         have = lambda kind: any(issubclass(c, kind) for c in given)
         t.callbacks = list(t.get("callbacks") or []) + [
             _spec(cls, args) for cls, args in _default_specs(dict(t), have)]
-        print(self._subcommand_parsers[self.subcommand].dump(cfg, skip_none=False), end="")
+        print(self._subcommand_parsers[self.subcommand].dump(cfg, skip_unset=False), end="")
         raise SystemExit(0)
 
     def before_instantiate_classes(self) -> None:
