@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .heads import HEAD_NAMES, head_modules  # noqa: F401  (HEAD_NAMES: old import path)
 from .orientation import stacked_names, transposed_names
 from .registry import record
 from .weight_decay_rules import apply_weight_decay_rule
@@ -24,36 +25,14 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
 if hasattr(nn, "RMSNorm"):
     _NORMS = _NORMS + (nn.RMSNorm,)
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
-# Output layers by conventional attribute name (the toolkit's, timm's and Hugging Face's: BERT's
-# MLM ``decoder``, sequence-classification ``score``); Muon and muP treat them apart from hidden
-# matrices (they map to a vocabulary / label space, not a hidden space), and monitors skip them.
-HEAD_NAMES = ("lm_head", "head", "classifier", "output_layer", "fc_out", "decoder", "score")
 KINDS = ("hidden", "head", "embedding", "gain", "bias")
-
-
-def _head_modules(model: nn.Module, head_names: Iterable[str] | None) -> set[str]:
-    names = dict(model.named_modules())
-    if head_names is not None:
-        missing = [n for n in head_names if n not in names]
-        if missing:
-            raise ValueError(f"head_names {missing} are not modules of {type(model).__name__}; "
-                             f"choose from {sorted(n for n in names if n)[:20]}...")
-        return set(head_names)
-    # a layer, not a container (an autoencoder's ``decoder`` stack is not an output layer)
-    found = {n for n, m in names.items() if n.split(".")[-1] in HEAD_NAMES
-             and next(m.parameters(recurse=False), None) is not None}
-    if found:
-        return found
-    # No conventional name: the last Linear layer registered is the output layer in
-    # nearly every feed-forward model (timm and Muon's docs make the same assumption).
-    linears = [n for n, m in names.items() if isinstance(m, nn.Linear)]
-    return {linears[-1]} if linears else set()
+_head_modules = head_modules  # old name
 
 
 def classify_parameters(model: nn.Module, head_names: Iterable[str] | None = None
                         ) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Map each trainable parameter (shared ones once) to one of :data:`KINDS`."""
-    heads = _head_modules(model, head_names)
+    heads = head_modules(model, head_names)
     out: dict[str, list[tuple[str, nn.Parameter]]] = {k: [] for k in KINDS}
     seen: set[int] = set()
     for mod_name, module in model.named_modules():

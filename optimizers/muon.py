@@ -16,7 +16,7 @@ its own ``lr``: build_optimizer passes a single ``lr``, which is Muon's.
 Speed: same-shape matrices are orthogonalized in one batched call (bitwise equal to a
 loop), momentum and AdamW use ``torch._foreach_*`` ops. On CPUs without bf16 units the bf16
 iteration's products run as fp32 GEMMs of the bf16 operands (``ns_matmul="auto"``; see
-:mod:`optimizers.newton_schulz`), ~3x faster and within 1% of the reference. Under DDP each rank
+:mod:`optimizers.newton_schulz`), faster (docs/benchmarks.md, muon-step) and within 1% of the reference. Under DDP each rank
 orthogonalizes ~1/world of the matrices (see :mod:`optimizers.newton_schulz`); momentum
 is kept on every rank (cheap, elementwise, identical because DDP averages gradients), so
 a rank-0 checkpoint holds the full state and resumes exactly. Under FSDP2 (DTensor
@@ -103,11 +103,11 @@ class Muon(torch.optim.Optimizer):
         weight_decay: decoupled decay ``W <- (1 - lr*wd) W`` (groups may override).
         adjust_lr: ``"original"`` or ``"match_rms_adamw"`` (torch.optim.Muon's adjust_lr_fn).
         ns_dtype: ``"bfloat16"`` (the reference iteration, bitwise) or ``"float32"`` (the same
-            quintic in fp32: ~5x faster on CPUs without bf16 matmul units, and closer to
+            quintic in fp32: faster on CPUs without bf16 matmul units, and closer to
             the exact iteration; matches the reference to bf16 tolerance).
         ns_matmul: how bf16 products are computed: ``"bf16"`` (the reference function,
             bitwise), ``"fp32"`` (fp32 GEMMs of the bf16 operands, rounded to bf16: same
-            numerics up to accumulation order, ~3x faster on CPUs without bf16 units) or
+            numerics up to accumulation order, faster on CPUs without bf16 units) or
             ``"auto"`` (``"bf16"`` on GPUs and bf16-capable CPUs, else ``"fp32"``).
         adam_lr: lr of the AdamW groups; default ``lr`` with ``match_rms_adamw`` (that is
             its point), else the reference package's 3e-4.

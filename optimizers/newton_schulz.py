@@ -14,8 +14,9 @@ an fp32 GEMM of the same bf16 operands, rounded back to bf16. That is what a bf1
 computes (fp32 accumulation, bf16 output), so it differs from the reference only in
 accumulation order (~1% relative after five steps, a third of the gap between the reference
 and torch.optim.Muon's addmm form), but on CPUs without bf16 units (no AVX512-BF16 / AMX)
-it is ~3x faster. ``"auto"`` takes ``"bf16"`` on GPUs with bf16 units (NVIDIA sm_80+, ROCm) and
-bf16-capable CPUs, else ``"fp32"`` (:func:`bf16_units` is the decision).
+it is faster (``python -m scripts.bench muon-step``: the muon-step row of docs/benchmarks.md).
+``"auto"`` takes ``"bf16"`` on GPUs with bf16 units (NVIDIA sm_80+, ROCm) and bf16-capable
+CPUs, else ``"fp32"`` (:func:`bf16_units` is the decision).
 
 Under ``torch.distributed`` each rank orthogonalizes only the matrices it owns (a
 deterministic greedy split by flop count) and the bf16 results are all-gathered, so every

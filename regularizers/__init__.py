@@ -1,13 +1,14 @@
 """Regularizers and step controls. Each method is a subpackage named after it: a pure functional
 core (``core.py``, or several modules for DP-SGD) and a thin Lightning callback (``callback.py``).
 Shared pieces: ``batch_transforms`` (callbacks that rewrite training batches) and ``step_hooks``
-(callbacks acting around ``optimizer.step()``)."""
+(callbacks acting around ``optimizer.step()``). ``step_control`` gathers the callbacks that
+act on the optimizer step itself (RadiusControl, LRSpike)."""
 from .dp import DPSGD
 from .kmixup import KMixup, Mixup, assignment, kmixup_batch, kmixup_partners, mixup_batch, pairwise_cost
 from .batch_transforms import BatchTransform
 from .langevin import IterateAveraging, LangevinNoise, add_langevin_noise_
-from .lr_spike import LRSpike
-from .ghosts import RadiusControl, directional_logits, logit_spread, softmax_radius
+from .ghosts import directional_logits, logit_spread, softmax_radius
+from .step_control import LRSpike, RadiusControl
 
 __all__: list[str] = ["BatchTransform", "DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "LRSpike", "Mixup",
                       "RadiusControl", "directional_logits", "logit_spread", "softmax_radius",

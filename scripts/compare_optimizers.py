@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     spectral = [r for r in runs if r["curve"] and "spectral" in r["curve"][0]]
     if spectral:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for i, r in enumerate(spectral):
+        for r in spectral:
             steps = [p["step"] for p in r["curve"]]
             lo = [p["spectral"]["min"] for p in r["curve"]]
             hi = [p["spectral"]["max"] for p in r["curve"]]

@@ -137,8 +137,9 @@ def record_rows(recipe: str, rows: list[dict], cpu_s: float) -> None:
         values = {f"eps{t:g}_val": round(r["val_loss"], 3) for t, r in by_target.items()}
         if 8 in by_target:
             values["eps8_spent"] = round(by_target[8]["epsilon"], 3)
-        values.update({"non_private_val": round(r["val_loss"], 3) for r in rows
-                       if not math.isfinite(r["epsilon"])})
+        for r in rows:  # the non-private run (the last one, if several)
+            if not math.isfinite(r["epsilon"]):
+                values["non_private_val"] = round(r["val_loss"], 3)
     elif recipe == "dpsgd_mnist" and 3 in by_target:
         r = by_target[3]
         values = {"test_acc": round(100 * r["test_acc"], 2), "epsilon": round(r["epsilon"], 2),

@@ -13,7 +13,6 @@ their largest relative error, and how many flagged fits would have missed by > 1
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 

@@ -25,7 +25,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from scripts.lm_run import train_char_lm

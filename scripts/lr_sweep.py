@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
-
-ROOT = Path(__file__).resolve().parent.parent
 
 from optimizers import OPTIMIZERS
 from optimizers.muonpp import hidden_spectral_ratios
 from scripts.sweep_io import open_sweep
 from toolkit import LanguageModel, TextDataModule
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Recorder(L.Callback):

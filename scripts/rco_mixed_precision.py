@@ -11,7 +11,6 @@ Needs the trained GPT: ``python -m toolkit fit --config recipes/quickstart.yaml`
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

@@ -3,10 +3,11 @@
 Each file holds ``values`` (the numbers a script measured), ``command`` (how to reproduce them)
 and two templates over the values: ``summary`` (the recipe's row in the README table) and
 ``measured`` (the "Measured:" sentence closing the recipe's header). This script renders both
-into README.md and recipes/*.yaml; ``--check`` exits 1 where a file disagrees with its JSON (the
+into README.md (and the docs site's docs/recipes.md) and recipes/*.yaml, and the kept bench
+results into docs/benchmarks.md; ``--check`` exits 1 where a file disagrees with its JSON (the
 test suite runs it). Scripts that measure call :func:`record` to update the values.
 
-    python -m scripts.results           # rewrite README table and recipe headers
+    python -m scripts.results           # rewrite the tables and recipe headers
     python -m scripts.results --check   # list what disagrees, exit 1 if anything does
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 RECIPES = ROOT / "recipes"
 README = ROOT / "README.md"
+RECIPE_PAGE = ROOT / "docs" / "recipes.md"  # the same recipe table, on the docs site
+BENCH_PAGE = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- recipe-table:begin (python -m scripts.results) -->", "<!-- recipe-table:end -->"
 BENCH_BEGIN = "<!-- bench-table:begin (python -m scripts.results) -->"
 BENCH_END = "<!-- bench-table:end -->"
@@ -109,7 +112,7 @@ def bench_table(results: dict[str, dict[str, Any]]) -> str:
 
 def with_table(text: str, table: str, begin: str = BEGIN, end: str = END) -> str:
     if begin not in text or end not in text:
-        raise ValueError(f"README.md lacks the markers {begin} ... {end}")
+        raise ValueError(f"a rendered file lacks the markers {begin} ... {end}")
     head, rest = text.split(begin, 1)
     return head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1]
 
@@ -117,8 +120,11 @@ def with_table(text: str, table: str, begin: str = BEGIN, end: str = END) -> str
 def expected_files() -> dict[Path, str]:
     """Every file this script writes, with the content its JSON implies."""
     results = recipe_results()
-    readme = with_table(README.read_text(), readme_table(results))
-    out = {README: with_table(readme, bench_table(bench_results()), BENCH_BEGIN, BENCH_END)}
+    table = readme_table(results)
+    out = {README: with_table(README.read_text(), table),
+           RECIPE_PAGE: with_table(RECIPE_PAGE.read_text(), table),
+           BENCH_PAGE: with_table(BENCH_PAGE.read_text(), bench_table(bench_results()),
+                                  BENCH_BEGIN, BENCH_END)}
     for name, data in results.items():
         path = RECIPES / f"{name}.yaml"
         if not path.exists():

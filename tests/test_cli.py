@@ -53,7 +53,13 @@ def model_overrides(recipe: Path, lm_checkpoint: Path) -> list[str]:
     return ["--model.checkpoint", str(lm_checkpoint)] if "checkpoint" in args else []
 
 
-@pytest.mark.parametrize("recipe", ALL, ids=lambda p: p.stem)
+# the two whose two steps take several seconds (ScatterNet features, a pretrained MiniLM)
+SLOW_TWO_STEPS = {"dpsgd_mnist", "minilm_speakers"}
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(p, marks=pytest.mark.slow)
+                                    if p.stem in SLOW_TWO_STEPS else p for p in ALL],
+                         ids=lambda p: p.stem)
 def test_recipe_runs_two_steps(recipe, recipe_mnist, tiny_lm_checkpoint):
     main(["fit", "--config", str(recipe), "--trainer.fast_dev_run", "2",
           *data_overrides(recipe, recipe_mnist), *model_overrides(recipe, tiny_lm_checkpoint)])
@@ -64,6 +70,10 @@ def test_recipe_headers_are_listed():
     for recipe in ALL:
         line = next(l for l in out.splitlines() if l.split()[0] == recipe.stem)
         assert len(line.split(None, 1)[1]) > 20, f"{recipe.name} lacks a header comment"
+
+
+@pytest.mark.slow  # a second Python process importing the whole stack
+def test_the_console_command_lists_recipes():
     run = subprocess.run([sys.executable, "-m", "toolkit", "recipes"], capture_output=True,
                          text=True, cwd=ROOT, check=True)
     assert "quickstart" in run.stdout

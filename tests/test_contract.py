@@ -2,10 +2,13 @@
 exact resume for every optimizer and callback, a SIGKILL between checkpoints resumed with
 --ckpt_path last equals the straight run bitwise, a SIGKILL during a checkpoint write never
 leaves an unloadable last.ckpt, every pair of plug-ins composes or is refused at fit start,
-and an exception inside fit leaves the module as it was."""
+and an exception inside fit leaves the module as it was. The plug-ins are discovered
+(tests/contract_plugins.py); each must also be named in a recipe with a results file and in a
+docs page, or say why not."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +20,9 @@ import pytest
 import torch
 
 import optimizers
-from tests.contract_plugins import CALLBACKS, REFUSED, pairs
+from tests.contract_plugins import (CALLBACKS, NO_RECIPE, NOT_IN_CONTRACT, REFUSED, callback,
+                                    contract_callbacks, contract_optimizers,
+                                    pairs, plugin_names)
 from tests.test_resume import assert_bitwise, straight_and_resumed
 from toolkit import Classifier, ImageDataModule, LanguageModel, TextDataModule
 from toolkit.cli import trainer
@@ -36,18 +41,46 @@ def _lm(optimizer="adamw"):
             lambda: TextDataModule(block_size=16, batch_size=8))
 
 
+# ---- discovery: every plug-in takes part, or says why, and is documented ------------------
+def test_every_plugin_takes_part_or_says_why():
+    # an optimizer that does not train a model's parameters cannot run the contract
+    assert set(contract_optimizers()) == set(optimizers.model_optimizers()), \
+        "declare why in tests/contract_plugins.py NOT_IN_CONTRACT"
+    stale = (set(CALLBACKS) | set(NOT_IN_CONTRACT) | set(NO_RECIPE)) - set(plugin_names())
+    assert not stale, f"entries for plug-ins that no longer exist: {sorted(stale)}"
+    assert not set(NOT_IN_CONTRACT) & set(contract_callbacks() + contract_optimizers())
+
+
+def _mentions(text: str, name: str) -> bool:
+    # a class path (regularizers.KMixup), an optimizer key or a word in the header comment
+    return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text) is not None
+
+
+@pytest.mark.parametrize("name", plugin_names())
+def test_every_plugin_has_a_recipe_with_results_and_a_docs_page(name):
+    recipes = [p for p in sorted((ROOT / "recipes").glob("*.yaml")) if _mentions(p.read_text(), name)]
+    if name not in NO_RECIPE:
+        assert recipes, (f"no recipe names {name}: add recipes/<paper>.yaml using it, or say why "
+                         "in tests/contract_plugins.py NO_RECIPE (docs/contributing.md)")
+    for r in recipes:
+        assert (ROOT / "docs/results" / f"{r.stem}.json").is_file(), \
+            f"recipe {r.stem} (uses {name}) has no docs/results/{r.stem}.json: python -m scripts.results"
+    pages = [p for p in sorted((ROOT / "docs").rglob("*.md")) if _mentions(p.read_text(), name)]
+    assert pages, f"no page under docs/ names {name}: describe it in its area's page"
+
+
 # ---- exact resume, every optimizer and every callback -----------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", optimizers.model_optimizers())
+@pytest.mark.parametrize("name", contract_optimizers())
 def test_every_optimizer_resumes_bitwise_mid_epoch(name, tmp_path, tiny_mnist):
     make_model, make_data = _image(tiny_mnist, name)  # its registered default lr
     assert_bitwise(*straight_and_resumed(make_model, make_data, tmp_path, total=8, stop_at=5))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(CALLBACKS))
+@pytest.mark.parametrize("name", contract_callbacks())
 def test_every_callback_resumes_bitwise_mid_epoch(name, tmp_path, tiny_mnist, monkeypatch):
-    factory, kinds = CALLBACKS[name]
+    factory, kinds = callback(name)
     make_model, make_data = _image(tiny_mnist) if "image" in kinds else _lm()
     import tests.test_resume as resume
     base = resume.trainer
@@ -176,7 +209,7 @@ def _short_fit(kind, callbacks, tiny_mnist, steps=4):
 @pytest.mark.parametrize("a,b,kind", pairs(), ids=lambda v: v if isinstance(v, str) else None)
 def test_every_pair_composes_or_is_refused_at_fit_start(a, b, kind, tiny_mnist):
     refused = REFUSED.get(frozenset({a, b}))
-    cbs = [CALLBACKS[a][0](), CALLBACKS[b][0]()]
+    cbs = [callback(a)[0](), callback(b)[0]()]
     if refused:
         with pytest.raises(ValueError, match=refused):
             _short_fit(kind, cbs, tiny_mnist)
@@ -187,15 +220,15 @@ def test_every_pair_composes_or_is_refused_at_fit_start(a, b, kind, tiny_mnist):
     assert "training_step" not in vars(model) and not any(hooks)
 
 
-@pytest.mark.parametrize("name", sorted(CALLBACKS))
+@pytest.mark.parametrize("name", contract_callbacks())
 def test_an_exception_inside_fit_leaves_the_module_restored(name, tiny_mnist):
-    kind = "image" if "image" in CALLBACKS[name][1] else "lm"
+    kind = "image" if "image" in callback(name)[1] else "lm"
     make_model, make_data = _image(tiny_mnist) if kind == "image" else _lm()
     model = make_model()
     before = _hook_counts(model)
     t = trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                callbacks=[CALLBACKS[name][0](), _Boom()])
+                callbacks=[callback(name)[0](), _Boom()])
     with pytest.raises(RuntimeError, match="boom at step 3"):
         t.fit(model, datamodule=make_data())
     assert t.global_step == 3  # it did train, with the plug-in active, before the exception

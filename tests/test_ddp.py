@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # several processes (the fast lane skips them)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

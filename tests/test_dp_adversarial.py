@@ -521,6 +521,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # a second process (one gloo rank)
 def test_fsdp2_sharded_parameters_are_refused():
     """A real ``fully_shard`` (DTensor parameters, one gloo rank): per-example norms would
     need every shard, so DP-SGD refuses instead of clipping local shards."""

@@ -165,6 +165,7 @@ def test_shuffling_accepted_explicitly_is_reported_as_such(tiny_mnist):
     assert r["steps"] == t.global_step == 2 * math.floor(500 / 50)
 
 
+@pytest.mark.slow  # two processes
 def test_ddp_two_processes_reproduce_one(tiny_mnist, tmp_path):
     """ddp_spawn on 2 CPU ranks (gloo) with the global sample rate of 1 process: the
     same global Poisson batches, clipping per rank before the all-reduce and the noise

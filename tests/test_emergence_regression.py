@@ -102,6 +102,7 @@ def test_grid_is_a_balanced_twelve_point_design():
             assert n == per_level[level] / 2, (factor, level, heads)
 
 
+@pytest.mark.slow  # a second Python process
 def test_grid_command_overrides_the_recipe(tmp_path):
     cfg = grid_mod.grid()[5]
     cmd = grid_mod.command(cfg, 123, 25, tmp_path) + ["--print_config"]

@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+pytestmark = pytest.mark.slow  # several processes (the fast lane skips them)
+
 ROOT = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH = 8
 # constant lr without warmup: a 4-step run then a resume to 8 follows the 8-step run's schedule;

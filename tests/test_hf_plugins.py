@@ -4,7 +4,6 @@ reports every indicator for every layer."""
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
 
 import optimizers

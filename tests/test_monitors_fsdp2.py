@@ -1,12 +1,15 @@
 """Monitors on an FSDP2-sharded GPT (2 CPU processes, gloo) give the numbers of one process:
 the spectral monitor gathers each sharded matrix when it measures it; massive-activation and
 stability probes run inside the sharded forward."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from toolkit.models.gpt import GPT, GPTConfig
 from toolkit.monitors import SpectralMonitor, massive_activations, stability_indicators
+
+pytestmark = pytest.mark.slow  # several processes (the fast lane skips them)
 
 
 def _gpt():

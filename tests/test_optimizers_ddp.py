@@ -1,5 +1,6 @@
 """Muon under DDP: two CPU processes (gloo) give the weights and the full optimizer state of
 one process, while each rank orthogonalizes only about half of the matrices."""
+import pytest
 import gc
 
 import torch
@@ -10,6 +11,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import optimizers
 from optimizers import newton_schulz
 from toolkit.models.gpt import GPT, GPTConfig
+
+pytestmark = pytest.mark.slow  # several processes (the fast lane skips them)
 
 STEPS, BATCH = 3, 8
 

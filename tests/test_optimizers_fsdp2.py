@@ -142,6 +142,7 @@ def two_ranks(tmp_path_factory):
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
 
 
+@pytest.mark.slow  # two processes
 @pytest.mark.parametrize("kind, name", CASES)
 def test_two_rank_fsdp2_equals_one_process(two_ranks, kind, name):
     ref_model, ref_opt = _reference(kind, name)
@@ -170,6 +171,7 @@ def test_two_rank_fsdp2_equals_one_process(two_ranks, kind, name):
     assert all(len(c) == STEPS and min(c) >= 1 for c in counts), counts
 
 
+@pytest.mark.slow  # two processes
 def test_unsupported_layouts_are_refused_with_the_fix(two_ranks):
     by_cols, half = two_ranks[0]["refusals"]
     assert "Shard(0)" in by_cols and "shard_placement_fn" in by_cols

@@ -1,5 +1,6 @@
-"""Measured numbers have one source, docs/results/<recipe>.json: the README recipe table and
-every recipe header's "Measured" block are rendered from it (python -m scripts.results)."""
+"""Measured numbers have one source, docs/results/<recipe>.json: the README recipe table (and
+docs/recipes.md), every recipe header's "Measured" block and the docs/benchmarks.md table are
+rendered from it (python -m scripts.results)."""
 import json
 import shutil
 
@@ -24,6 +25,10 @@ def test_a_changed_value_shows_up_everywhere_and_stale_files_are_caught(tmp_path
     for sub in ("docs/results", "recipes"):
         shutil.copytree(results.ROOT / sub, tmp_path / sub)
     shutil.copy(results.README, tmp_path / "README.md")
+    for page in (results.RECIPE_PAGE, results.BENCH_PAGE):
+        shutil.copy(page, tmp_path / "docs" / page.name)
+    monkeypatch.setattr(results, "RECIPE_PAGE", tmp_path / "docs/recipes.md")
+    monkeypatch.setattr(results, "BENCH_PAGE", tmp_path / "docs/benchmarks.md")
     monkeypatch.setattr(results, "RESULTS", tmp_path / "docs/results")
     monkeypatch.setattr(results, "RECIPES", tmp_path / "recipes")
     monkeypatch.setattr(results, "README", tmp_path / "README.md")
@@ -32,10 +37,12 @@ def test_a_changed_value_shows_up_everywhere_and_stale_files_are_caught(tmp_path
     data = json.loads(path.read_text())
     data["values"]["val_loss"] = 1.234
     path.write_text(json.dumps(data))
-    assert set(results.stale()) == {tmp_path / "README.md", tmp_path / "recipes/quickstart.yaml"}
+    assert set(results.stale()) == {tmp_path / "README.md", tmp_path / "docs/recipes.md",
+                                    tmp_path / "recipes/quickstart.yaml"}
     results.record("quickstart", {"val_loss": 1.5}, command="python -m toolkit fit --config x")
     assert results.stale() == []
     assert "val loss 1.500" in (tmp_path / "README.md").read_text()
+    assert "val loss 1.500" in (tmp_path / "docs/recipes.md").read_text()
     header = (tmp_path / "recipes/quickstart.yaml").read_text()
     assert "val loss 1.500" in header and "# Reproduce: python -m toolkit fit --config x" in header
     assert "1.661" not in header

@@ -136,7 +136,8 @@ def test_cli_recipe_applies_lambda_from_tau_of_its_run(accumulate, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     recipe = RECIPES / "powerlines_wd_lm.yaml"
     cfg = yaml.safe_load(recipe.read_text())["model"]["init_args"]
-    steps, batch, T = 3, 4, cfg["block_size"]
+    # the data's block_size sets the model's too (the CLI's argument link)
+    steps, batch, T = 3, 4, yaml.safe_load(recipe.read_text())["data"]["init_args"]["block_size"]
     main(["fit", "--config", str(recipe), "--trainer.max_steps", str(steps),
           "--trainer.accumulate_grad_batches", str(accumulate), "--data.batch_size", str(batch),
           "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "3"])

@@ -9,7 +9,8 @@ never leaves a broken last.ckpt) and a fixed seed. Recipe callbacks are added to
 ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the recipe and keeps logging into
 the same run folder (fit with none starts from scratch; validate/test/predict with none
 stop with an error before creating a run folder). ``toolkit recipes`` lists the recipes,
-``toolkit optimizers`` the optimizers with their defaults.
+``toolkit optimizers`` the optimizers with their defaults. ``data.block_size`` sets the
+model's ``block_size`` too (a LightningCLI argument link), so a recipe writes it once.
 """
 from __future__ import annotations
 
@@ -95,6 +96,12 @@ class ToolkitCLI(LightningCLI):
         self.run_name, self.runs_root, self.print_applied = run_name, runs_root, print_applied
         super().__init__(*args, **kwargs)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        # a recipe writes the context length once, under data: the model takes the data's
+        # (a model.block_size given beside it is overwritten by data.block_size)
+        parser.link_arguments("data.init_args.block_size", "model.init_args.block_size",
+                              apply_on="parse")
+
     def _print_applied_config(self, cfg) -> None:
         """The resolved config with the defaults this CLI adds written in, so --print_config
         shows the logger and callbacks a run really gets (Lightning's shows null for both)."""
@@ -106,7 +113,7 @@ class ToolkitCLI(LightningCLI):
         have = lambda kind: any(issubclass(c, kind) for c in given)
         t.callbacks = list(t.get("callbacks") or []) + [
             _spec(cls, args) for cls, args in _default_specs(dict(t), have)]
-        print(self._subcommand_parsers[self.subcommand].dump(cfg, skip_none=False), end="")
+        print(self._subcommand_parsers[self.subcommand].dump(cfg, skip_unset=False), end="")
         raise SystemExit(0)
 
     def before_instantiate_classes(self) -> None:

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from toolkit.batch_keys import INPUT_KEYS, first_key
+
 from ..step_hooks import StepHookCallback
 from .core import Radius, radius_from_spread, softmax_radius
 
-_INPUT_KEYS = ("x", "input", "inputs", "input_ids", "image", "pixel_values")
 
 
 def batch_inputs(batch: Any) -> Any:
@@ -26,13 +27,11 @@ def batch_inputs(batch: Any) -> Any:
         return batch
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
-    if isinstance(batch, dict):
-        for k in _INPUT_KEYS:
-            if k in batch:
-                return batch[k]
+    if isinstance(batch, dict) and (k := first_key(batch, INPUT_KEYS)) is not None:
+        return batch[k]
     raise TypeError(f"cannot find the model inputs in a batch of type {type(batch).__name__}"
                     f"{' with keys ' + str(sorted(batch)) if isinstance(batch, dict) else ''}: "
-                    f"use a tensor, an (inputs, targets) pair or a dict with one of {_INPUT_KEYS}")
+                    f"use a tensor, an (inputs, targets) pair or a dict with one of {INPUT_KEYS}")
 
 
 @torch.no_grad()

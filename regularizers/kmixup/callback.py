@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 
+from toolkit.batch_keys import INPUT_KEYS, TARGET_KEYS, input_target_keys
 from toolkit.seeding import generator, global_seed
 
 from ..batch_transforms import BatchTransform
 from .core import kmixup_batch
 
-X_KEYS = ("x", "image", "images", "input", "inputs", "pixel_values")
-Y_KEYS = ("y", "label", "labels", "target", "targets")
+X_KEYS, Y_KEYS = INPUT_KEYS, TARGET_KEYS  # old names of the shared lists
 
 
 class KMixup(BatchTransform):
@@ -110,11 +109,8 @@ class KMixup(BatchTransform):
 
     def _split(self, batch):
         if isinstance(batch, dict):
-            xk = self.input_key or next((k for k in X_KEYS if k in batch), None)
-            yk = self.target_key or next((k for k in Y_KEYS if k in batch), None)
-            if xk not in batch or yk not in batch:
-                raise KeyError(f"{type(self).__name__}: batch dict keys {sorted(batch)} name no "
-                               "input/target pair; pass input_key= and target_key=")
+            xk, yk = input_target_keys(batch, f"{type(self).__name__} (or pass input_key= and "
+                                       "target_key=)", self.input_key, self.target_key)
             return batch[xk], batch[yk], lambda x, y: {**batch, xk: x, yk: y}
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
             rest = list(batch[2:])

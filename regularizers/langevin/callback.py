@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
-import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
 from toolkit.seeding import generator, global_seed

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..batch_keys import INPUT_KEYS, TARGET_KEYS, first_key
 from .idx import GET_DATA, DataError, find_split, read_idx
 from .samplers import resumable_loader
 
@@ -45,8 +46,11 @@ def _load_hub(name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for split, key in (("train", "train"), ("t10k", "test")):
         d = ds[key].with_format("numpy")
-        img_col = next(c for c in ("image", "img", "pixel_values") if c in d.column_names)
-        lab_col = next(c for c in ("label", "labels") if c in d.column_names)
+        img_col = first_key(d.column_names, INPUT_KEYS)
+        lab_col = first_key(d.column_names, TARGET_KEYS)
+        if img_col is None or lab_col is None:
+            raise DataError(f"hub dataset {name!r} has columns {d.column_names}: no image column "
+                            f"(one of {INPUT_KEYS}) or label column (one of {TARGET_KEYS})")
         out[split] = (np.stack(d[img_col]).astype(np.uint8), np.asarray(d[lab_col]))
     return out
 

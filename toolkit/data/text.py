@@ -18,17 +18,21 @@ EMBEDDED = Path(__file__).with_name("tinyshakespeare.txt")
 PRINTABLE = "\n" + "".join(map(chr, range(32, 127))) + "\ufffd"
 
 
+def check_text_path(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"text file {p} does not exist. Give an existing UTF-8 text file "
+                        "(data.path), a hub dataset (data.hub_name), or neither for the "
+                        "embedded Tiny Shakespeare.")
+    return p
+
+
 def load_text(path: str | None = None, hub_name: str | None = None, hub_split: str = "train",
               text_column: str = "text") -> str:
     """The corpus as one string: ``path`` if given, else hub dataset ``hub_name`` through
     ``datasets``, else the Tiny Shakespeare copy shipped in the package."""
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"text file {p} does not exist. Give an existing UTF-8 text file "
-                            "(data.path), a hub dataset (data.hub_name), or neither for the "
-                            "embedded Tiny Shakespeare.")
-        return p.read_text(encoding="utf-8")
+        return check_text_path(path).read_text(encoding="utf-8")
     if hub_name is not None:
         import datasets
         try:
@@ -123,7 +127,11 @@ class TextDataModule(L.LightningDataModule):
     characters, which depends on the training text; ``printable`` is the fixed
     :data:`PRINTABLE` (newline, printable ASCII, and U+FFFD for every other character), which
     depends on no example, as DP training needs (docs/dp.md, "Which preprocessing is
-    private")."""
+    private").
+
+    The text is read and encoded in ``setup()`` (as Lightning expects: construction reads
+    nothing); outside a Trainer the first use of ``vocab_size``, ``encode``, ``train_data`` or
+    a loader reads it."""
 
     def __init__(self, path: str | None = None, hub_name: str | None = None,
                  hub_split: str = "train", text_column: str = "text", block_size: int = 128,
@@ -141,37 +149,64 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"train_blocks={train_blocks!r}: choose 'random' or 'disjoint'")
         if not 0 < train_fraction < 1:
             raise ValueError(f"train_fraction={train_fraction} must lie strictly between 0 and 1")
+        if path is not None:
+            check_text_path(path)  # a missing file fails at construction, reading waits
         self.save_hyperparameters()
-        text = load_text(path, hub_name, hub_split, text_column)
         self.tokenizer = None
-        if tokenizer is not None:
+        self._splits: tuple[torch.Tensor, torch.Tensor] | None = None  # read by setup()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load()
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, validation) token ids, read and encoded once."""
+        if self._splits is not None:
+            return self._splits
+        hp = self.hparams
+        text = load_text(hp.path, hp.hub_name, hp.hub_split, hp.text_column)
+        if hp.tokenizer is not None:
             from transformers import AutoTokenizer
 
             from ..modules.hf import resolve_pretrained
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(tokenizer),
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(hp.tokenizer),
                                                            local_files_only=True)
             ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             data = torch.tensor(ids, dtype=torch.long)
         else:
-            self.chars = sorted(set(text)) if vocab == "corpus" else list(PRINTABLE)
+            self.chars = sorted(set(text)) if hp.vocab == "corpus" else list(PRINTABLE)
             self.stoi = {c: i for i, c in enumerate(self.chars)}
-            data = self.encode(text)
-        n = int(train_fraction * len(data))
-        self.train_data, self.val_data = data[:n], data[n:]
+            data = self._encode_chars(text)
+        n = int(hp.train_fraction * len(data))
+        self._splits = (data[:n], data[n:])
+        return self._splits
+
+    @property
+    def train_data(self) -> torch.Tensor:
+        return self._load()[0]
+
+    @property
+    def val_data(self) -> torch.Tensor:
+        return self._load()[1]
 
     @property
     def vocab_size(self) -> int:
+        self._load()
         return len(self.tokenizer) if self.tokenizer is not None else len(self.chars)
 
     def encode(self, s: str) -> torch.Tensor:
+        self._load()
         if self.tokenizer is not None:
             return torch.tensor(self.tokenizer(s, add_special_tokens=False)["input_ids"])
-        unknown = len(self.chars) - 1  # U+FFFD under vocab="printable"
+        return self._encode_chars(s)
+
+    def _encode_chars(self, s: str) -> torch.Tensor:
         if self.hparams.vocab == "printable":
+            unknown = len(self.chars) - 1  # U+FFFD
             return torch.tensor([self.stoi.get(c, unknown) for c in s], dtype=torch.long)
         return torch.tensor([self.stoi[c] for c in s], dtype=torch.long)
 
     def decode(self, ids) -> str:
+        self._load()
         if self.tokenizer is not None:
             return self.tokenizer.decode(list(ids))
         return "".join(self.chars[i] for i in ids)

@@ -7,9 +7,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 
-import optimizers
+from .optim_config import CLASSIFIER_DEFAULTS, OptimizerConfig, describe_rule  # noqa: F401
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -106,41 +105,29 @@ class ClassifierSteps:
         self._step(batch, self.test_metrics, "test")
 
 
-def describe_rule(rule: dict[str, Any], opt: torch.optim.Optimizer) -> str:
-    """One line naming the lr and weight decay a ``weight_decay_rule`` gave each group kind."""
-    got = {g.get("kind", "all"): (g.get("lr", math.nan), g.get("weight_decay", 0.0))
-           for g in opt.param_groups}
-    groups = ", ".join(f"{k}: lr {lr:.4g} weight_decay {wd:.4g}" for k, (lr, wd) in got.items())
-    return f"weight_decay_rule {rule} -> {groups}"
-
-
 class TrainModule(L.LightningModule):
-    """Builds its optimizer with :func:`optimizers.build_optimizer` and a warmup+decay schedule.
-    ``lr=None`` takes the optimizer's own registered default (``toolkit optimizers``)."""
+    """Builds its optimizer and warmup+decay schedule from one :class:`OptimizerConfig`
+    (``self.optim``). Subclasses take the seven settings as ``**optim`` and pass them here, so
+    this signature is the only one that lists them; ``None`` keeps the class's
+    ``optim_defaults`` (for ``lr``: the optimizer's registered default, ``toolkit optimizers``).
+    Every ``__init__`` argument, the resolved settings included, becomes a hyperparameter.
+    """
 
-    def __init__(self, optimizer: str = "adamw", lr: float | None = None, weight_decay: float = 0.0,
-                 optimizer_kwargs: dict[str, Any] | None = None, warmup_steps: int = 0,
-                 lr_decay: str = "cosine", min_lr_ratio: float = 0.1):
+    optim_defaults: OptimizerConfig = CLASSIFIER_DEFAULTS
+
+    def __init__(self, optimizer: str | None = None, lr: float | None = None,
+                 weight_decay: float | None = None, optimizer_kwargs: dict[str, Any] | None = None,
+                 warmup_steps: int | None = None, lr_decay: str | None = None,
+                 min_lr_ratio: float | None = None):
         super().__init__()
-        optimizers.check_optimizer_options(optimizer, optimizer_kwargs or {})
+        self.optim = self.optim_defaults.resolve(
+            optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+            optimizer_kwargs=optimizer_kwargs, warmup_steps=warmup_steps, lr_decay=lr_decay,
+            min_lr_ratio=min_lr_ratio)
+        # collects the subclass's __init__ arguments too (Lightning walks the __init__ frames)
+        self.save_hyperparameters()
+        self.hparams.update(self.optim.hparams())
 
     def configure_optimizers(self):
-        hp = self.hparams
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
-        kwargs = dict(hp.optimizer_kwargs or {})
-        rule = kwargs.get("weight_decay_rule")
-        if (rule and rule.get("kind") == "power_lines" and math.isfinite(total)
-                and not {"steps", "batch_size", "dataset_size"} & set(rule)):
-            kwargs["weight_decay_rule"] = {**rule, "steps": total}  # B / D of this run: 1 / steps
-        opt = optimizers.build_optimizer(self, hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
-                                         **kwargs)
-        if rule:  # the decay a rule chose is otherwise visible nowhere
-            rank_zero_info(describe_rule(kwargs["weight_decay_rule"], opt))
-        if not math.isfinite(total):
-            if hp.lr_decay != "constant":
-                raise ValueError("an lr decay needs a known step budget: set trainer.max_steps "
-                                 "(or lr_decay: constant)")
-            total = 1
-        sched = optimizers.warmup_decay(opt, int(total), hp.warmup_steps, hp.lr_decay,
-                                        hp.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.optim.build(self, total)

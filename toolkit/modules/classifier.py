@@ -8,6 +8,7 @@ import torchmetrics
 from torch import nn
 
 from ..models import MLP, GNLinear, SmallCNN, TanhCNN
+from ..batch_keys import input_target_keys
 from .base import ClassifierSteps, TrainModule
 
 ARCHS = ("cnn", "mlp", "tanh_cnn", "gn_linear")
@@ -16,12 +17,8 @@ ARCHS = ("cnn", "mlp", "tanh_cnn", "gn_linear")
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` from a pair or a dict with image/label-like keys."""
     if isinstance(batch, dict):
-        x = next((batch[k] for k in ("x", "image", "input", "inputs", "pixel_values") if k in batch), None)
-        y = next((batch[k] for k in ("y", "label", "labels", "target", "targets") if k in batch), None)
-        if x is None or y is None:
-            raise KeyError(f"batch dict keys {sorted(batch)} name no input/label pair "
-                           "(use 'x' and 'y')")
-        return x, y
+        xk, yk = input_target_keys(batch, "Classifier")
+        return batch[xk], batch[yk]
     x, y = batch
     return x, y
 
@@ -29,13 +26,8 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
 class Classifier(ClassifierSteps, TrainModule):
     def __init__(self, arch: str = "cnn", num_classes: int = 10, in_channels: int = 1,
                  image_size: int = 28, width: int = 32, norm: str = "batch",
-                 activation: str = "relu", hidden: list[int] | None = None,
-                 optimizer: str = "adamw", lr: float | None = None, weight_decay: float = 0.0,
-                 optimizer_kwargs: dict[str, Any] | None = None, warmup_steps: int = 0,
-                 lr_decay: str = "cosine", min_lr_ratio: float = 0.0):
-        super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
-                         min_lr_ratio)
-        self.save_hyperparameters()
+                 activation: str = "relu", hidden: list[int] | None = None, **optim: Any):
+        super().__init__(**optim)  # optimizer, lr, ...: OptimizerConfig (CLASSIFIER_DEFAULTS)
         if arch == "cnn":
             self.model: nn.Module = SmallCNN(in_channels, num_classes, width, norm,
                                              activation=activation, image_size=image_size)

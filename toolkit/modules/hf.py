@@ -16,7 +16,9 @@ import torch
 import torchmetrics
 from torch import nn
 
+from ..batch_keys import input_target_keys
 from .base import ClassifierSteps, LMSteps, TrainModule, cross_entropy
+from .optim_config import LM_DEFAULTS
 
 TASKS = {"causal_lm": "AutoModelForCausalLM",
          "sequence_classification": "AutoModelForSequenceClassification"}
@@ -117,15 +119,11 @@ class HFCausalLM(LMSteps, _HFModule):
     (``TextDataModule``) or dicts of model inputs with ``labels`` (HF's shifted loss)."""
 
     task = "causal_lm"
+    optim_defaults = LM_DEFAULTS
 
     def __init__(self, config: dict[str, Any] | None = None, pretrained: str | None = None,
-                 vocab_size: int | None = None, optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.1, optimizer_kwargs: dict[str, Any] | None = None,
-                 warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1,
-                 compile: bool = False):
-        super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
-                         min_lr_ratio)
-        self.save_hyperparameters()
+                 vocab_size: int | None = None, compile: bool = False, **optim: Any):
+        super().__init__(**optim)  # optimizer, lr, ...: OptimizerConfig (LM_DEFAULTS)
         self._init_model()
         self.val_loss, self.test_loss = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
 
@@ -159,13 +157,8 @@ class HFClassifier(ClassifierSteps, _HFModule):
 
     def __init__(self, config: dict[str, Any] | None = None, pretrained: str | None = None,
                  num_classes: int = 2, vocab_size: int | None = None,
-                 mix_embeddings: bool = False, optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.0, optimizer_kwargs: dict[str, Any] | None = None,
-                 warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.0,
-                 compile: bool = False):
-        super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
-                         min_lr_ratio)
-        self.save_hyperparameters()
+                 mix_embeddings: bool = False, compile: bool = False, **optim: Any):
+        super().__init__(**optim)  # optimizer, lr, ...: OptimizerConfig (CLASSIFIER_DEFAULTS)
         self._init_model()
         metrics = lambda: torchmetrics.MetricCollection({
             "acc": torchmetrics.Accuracy("multiclass", num_classes=num_classes),
@@ -187,17 +180,13 @@ class HFClassifier(ClassifierSteps, _HFModule):
             return batch
         emb = self.model.get_input_embeddings()(x)
         if isinstance(batch, dict):
-            return {**batch, next(k for k in ("x", "input_ids") if k in batch): emb}
+            return {**batch, input_target_keys(batch, "HFClassifier")[0]: emb}
         return type(batch)([emb, y, *batch[2:]])
 
     def _split(self, batch):
         if isinstance(batch, dict):
-            x = next((batch[k] for k in ("x", "input_ids", "inputs_embeds") if k in batch), None)
-            y = next((batch[k] for k in ("y", "labels", "label") if k in batch), None)
-            if x is None or y is None:
-                raise KeyError(f"HFClassifier: batch keys {sorted(batch)} name no input/label "
-                               "pair (use input_ids or x, and labels or y)")
-            return x, y, batch.get("attention_mask")
+            xk, yk = input_target_keys(batch, "HFClassifier")
+            return batch[xk], batch[yk], batch.get("attention_mask")
         return batch[0], batch[1], None
 
     def classify(self, batch) -> tuple[torch.Tensor, torch.Tensor]:

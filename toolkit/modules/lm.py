@@ -9,10 +9,13 @@ import torchmetrics
 from ..models import GPT, GPTConfig
 from ..strategies import shard_blocks
 from .base import LMSteps, TrainModule, cross_entropy
+from .optim_config import LM_DEFAULTS
 
 
 class LanguageModel(LMSteps, TrainModule):
     """GPT language model. ``vocab_size=None`` takes it from the data module at setup.
+    The optimizer settings (``optimizer``, ``lr``, ...) are :class:`OptimizerConfig`'s, with
+    weight decay 0.1 and a cosine decay to 0.1 of the peak lr by default.
 
     ``moe`` (a dict of :class:`toolkit.models.MoEConfig` fields) replaces every block's MLP by a
     mixture of experts; training then minimizes ``cross-entropy + aux_loss_weight * aux`` (the
@@ -20,16 +23,14 @@ class LanguageModel(LMSteps, TrainModule):
     losses stay the cross-entropy alone, comparable with a dense model's.
     """
 
+    optim_defaults = LM_DEFAULTS
+
     def __init__(self, vocab_size: int | None = None, block_size: int = 128, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = False,
-                 depth_mup: bool = False, optimizer: str = "adamw", lr: float | None = None,
-                 weight_decay: float = 0.1, optimizer_kwargs: dict[str, Any] | None = None,
-                 warmup_steps: int = 0, lr_decay: str = "cosine", min_lr_ratio: float = 0.1,
-                 compile: bool = False, moe: dict[str, Any] | None = None):
-        super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
-                         min_lr_ratio)
+                 depth_mup: bool = False, compile: bool = False,
+                 moe: dict[str, Any] | None = None, **optim: Any):
+        super().__init__(**optim)  # optimizer, lr, ...: OptimizerConfig (LM_DEFAULTS)
         GPTConfig(n_head=n_head, n_embd=n_embd, moe=moe)  # bad moe settings fail here, named
-        self.save_hyperparameters()
         self.model: GPT | None = None
         if vocab_size is not None:
             self._build(vocab_size)

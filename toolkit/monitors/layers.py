@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from optimizers.factory import HEAD_NAMES
+from optimizers.heads import HEAD_NAMES, find_head  # noqa: F401  (shared with the factory)
 
 # Sub-modules whose output is a branch added to the residual stream, tried in order.
 ATTN_BRANCHES = ("attn", "self_attn", "attention.output.dense", "attention")
@@ -91,13 +91,6 @@ def find_branch(block: nn.Module, candidates: Iterable[str]) -> tuple[str, nn.Mo
         if c in modules:
             return c, modules[c]
     return None
-
-
-def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The output (logit) layer: the last Linear named like a head, else None."""
-    found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n.split(".")[-1] in HEAD_NAMES]
-    return found[-1] if found else None
 
 
 class Hooks:

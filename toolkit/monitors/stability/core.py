@@ -114,7 +114,7 @@ class StabilityProbe:
                                   "(toolkit attention, nn.MultiheadAttention, HF Llama/Mistral/"
                                   "Qwen-style q_proj/k_proj, GPT-2 and BERT-style query/key are "
                                   "supported; see toolkit.monitors.stability.attention); attn_z is not "
-                                  "reported")
+                                  "reported", stacklevel=2)
                 return
             self.values[key] = softmax_z(*got).detach()
         return hook
