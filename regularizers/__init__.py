@@ -8,8 +8,9 @@ from .batch_transforms import BatchTransform
 from .langevin import IterateAveraging, LangevinNoise, add_langevin_noise_
 from .lr_spike import LRSpike
 from .ghosts import RadiusControl, directional_logits, logit_spread, softmax_radius
+from .qk_clip import QKClip
 
-__all__: list[str] = ["BatchTransform", "DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "LRSpike", "Mixup",
+__all__: list[str] = ["BatchTransform", "DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "LRSpike", "Mixup", "QKClip",
                       "RadiusControl", "directional_logits", "logit_spread", "softmax_radius",
                       "add_langevin_noise_", "assignment", "kmixup_batch", "kmixup_partners",
                       "mixup_batch", "pairwise_cost"]

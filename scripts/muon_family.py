@@ -1,6 +1,6 @@
 """The Muon family at CPU scale: Polar Express vs quintic, NorMuon vs Muon, cautious weight decay.
 
-A small char GPT (2 layers, 128 wide, 4 heads, block 64, batch 32; far below the papers' 124M-1.1B models)
+A small char GPT (2 layers, 64 wide, 2 heads, block 64, batch 32; far below the papers' 124M-1.1B models)
 on Tiny Shakespeare, the muon_lm settings otherwise (Muon lr 0.02, adam_lr 0.01, wd 0.1, cosine
 to 0.1x after 5% warmup), validated every ``--eval_every`` steps on 256 fixed windows. One thread.
 
@@ -43,7 +43,7 @@ class _Curve(L.Callback):
 
 
 def run(arm: str, seed: int, steps: int, eval_every: int, lr: float | None = None,
-        width: int = 128, layers: int = 2) -> dict:
+        width: int = 64, layers: int = 2) -> dict:
     from toolkit import LanguageModel, TextDataModule
     name, default_lr, extra = ARMS[arm]
     lr = default_lr if lr is None else lr
