@@ -1,8 +1,9 @@
 """The Muon family at CPU scale: Polar Express vs quintic, NorMuon vs Muon, cautious weight decay.
 
-A small char GPT (2 layers, 64 wide, 2 heads, block 64, batch 32; far below the papers' 124M-1.1B models)
-on Tiny Shakespeare, the muon_lm settings otherwise (Muon lr 0.02, adam_lr 0.01, wd 0.1, cosine
-to 0.1x after 5% warmup), validated every ``--eval_every`` steps on 256 fixed windows. One thread.
+recipes/muon_family_lm.yaml (the Muon arm): a small char GPT (2 layers, 64 wide, 2 heads, block 64,
+batch 32; far below the papers' 124M-1.1B models) on Tiny Shakespeare, the muon_lm settings
+otherwise (Muon lr 0.02, adam_lr 0.01, wd 0.1, cosine to 0.1x after 5% warmup), validated every
+``--eval_every`` steps on 256 fixed windows. One thread.
 
     python -m scripts.muon_family --arm muon --arm normuon --seeds 0 1 2 --steps 600
     python -m scripts.muon_family --summary            # aggregate runs/muon_family/*.json
@@ -15,6 +16,7 @@ to reach Muon's final val loss (first eval at or below it, per seed).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 
 ARMS = {
     "muon": ("muon", 0.02, {}),
@@ -42,20 +45,26 @@ class _Curve(L.Callback):
             self.points.append((trainer.global_step, float(trainer.callback_metrics["val/loss"])))
 
 
-def run(arm: str, seed: int, steps: int, eval_every: int, lr: float | None = None,
-        width: int = 64, layers: int = 2) -> dict:
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "muon_family_lm.yaml"
+
+
+def run(arm: str, seed: int, steps: int | None = None, eval_every: int | None = None,
+        lr: float | None = None, recipe: Path = RECIPE) -> dict:
+    """One arm from the recipe (the Muon arm itself), its optimizer and options swapped."""
     from toolkit import LanguageModel, TextDataModule
+    cfg = yaml.safe_load(Path(recipe).read_text())
     name, default_lr, extra = ARMS[arm]
-    lr = default_lr if lr is None else lr
-    kw = {"betas": [0.9, 0.99]}
-    if name != "adamw":
-        kw.update(adam_lr=0.01, momentum=0.95, nesterov=True, ns_steps=5, adjust_lr="original")
-    kw.update(extra)
+    margs = copy.deepcopy(cfg["model"]["init_args"])
+    steps = steps or cfg["trainer"]["max_steps"]
+    eval_every = eval_every or cfg["trainer"]["val_check_interval"]
+    kw = dict(margs.get("optimizer_kwargs") or {})
+    if name == "adamw":  # AdamW takes none of Muon's options
+        kw = {"betas": kw.get("betas", [0.9, 0.99])}
+    margs.update(optimizer=name, lr=default_lr if lr is None else lr,
+                 optimizer_kwargs={**kw, **extra}, warmup_steps=round(0.05 * steps))
     L.seed_everything(seed, verbose=False)
-    model = LanguageModel(block_size=64, n_layer=layers, n_head=max(1, width // 32), n_embd=width,
-                          optimizer=name, lr=lr, weight_decay=0.1, optimizer_kwargs=kw,
-                          warmup_steps=round(0.05 * steps), lr_decay="cosine", min_lr_ratio=0.1)
-    data = TextDataModule(block_size=64, batch_size=32, val_blocks=256, seed=seed)
+    model = LanguageModel(**margs)
+    data = TextDataModule(**{**cfg["data"]["init_args"], "seed": seed})
     curve = _Curve()
     trainer = L.Trainer(max_steps=steps, val_check_interval=eval_every,
                         check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False,
@@ -64,7 +73,7 @@ def run(arm: str, seed: int, steps: int, eval_every: int, lr: float | None = Non
                         callbacks=[curve])
     t0 = time.perf_counter()
     trainer.fit(model, data)
-    return {"arm": arm, "seed": seed, "lr": lr, "steps": steps, "curve": curve.points,
+    return {"arm": arm, "seed": seed, "lr": margs["lr"], "steps": steps, "curve": curve.points,
             "final": curve.points[-1][1], "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -82,7 +91,7 @@ def summary(out: Path = OUT) -> dict:
     for arm, rs in sorted(by_arm.items()):
         finals = [r["final"] for r in rs]
         reach = [steps_to(r["curve"], ref[r["seed"]]) for r in rs if r["seed"] in ref]
-        res[arm] = {"seeds": [r["seed"] for r in rs], "finals": finals,
+        res[arm] = {"seeds": [r["seed"] for r in rs], "finals": finals, "steps": rs[0]["steps"],
                     "mean": round(statistics.mean(finals), 4),
                     "spread": round(max(finals) - min(finals), 4),
                     "steps_to_muon_final": reach}
@@ -95,21 +104,48 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arm", action="append", choices=sorted(ARMS), default=[])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--eval_every", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--eval_every", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--tag", default="")
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--record", action="store_true",
+                    help="with --summary: write docs/results/muon_family_lm.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     for arm in args.arm:
         for seed in args.seeds:
             r = run(arm, seed, args.steps, args.eval_every, args.lr)
-            (OUT / f"{arm}{args.tag}-s{seed}.json").write_text(json.dumps(r))
+            out = OUT / "sweep" if args.tag else OUT  # tagged runs (lr sweeps) stay out of --summary
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{arm}{args.tag}-s{seed}.json").write_text(json.dumps(r))
             print(f"{arm} seed {seed}: final {r['final']:.4f} ({r['wall_s']} s)", flush=True)
     if args.summary:
-        summary()
+        res = summary()
+        if args.record:
+            record(res)
+
+
+def record(res: dict) -> None:
+    """docs/results/muon_family_lm.json from the summary (mean, spread, steps to Muon's final)."""
+    from scripts.results import record as write
+    values = {}
+    for arm, r in res.items():
+        values[f"{arm}_mean"], values[f"{arm}_spread"] = r["mean"], r["spread"]
+        values[f"{arm}_n"] = len(r["finals"])
+        reach = [s for s in r["steps_to_muon_final"] if s is not None]
+        values[f"{arm}_reached"] = len(reach)
+        if arm != "muon" and reach:
+            values[f"{arm}_steps_frac"] = round(statistics.mean(reach) / r["steps"], 2)
+    muon = res["muon"]["finals"]
+    for arm in res:
+        if arm != "muon":  # per-seed differences to Muon (same seeds, same batches)
+            d = [a - b for a, b in zip(res[arm]["finals"], muon)]
+            values[f"{arm}_delta"] = round(statistics.mean(d), 4)
+            values[f"{arm}_wins"] = sum(x < 0 for x in d)
+    write("muon_family_lm", values, "python -m scripts.muon_family --arm muon --arm muon_pe "
+          "--arm normuon --arm muon_cwd --seeds 0 1 2 --summary --record")
 
 
 if __name__ == "__main__":
