@@ -76,12 +76,15 @@ class NorMuon(Muon):
             st["neuron_second_moment"] = self.initial_state(group, p)["neuron_second_moment"]
         v = st["neuron_second_moment"]
         o = d.float()
-        fro = self._frobenius_dims(p)
-        norm_o = torch.linalg.vector_norm(o, dim=fro, keepdim=True)
-        v.lerp_(o.square().mean(dim=self._reduce_dims(p), keepdim=True), 1 - group["beta2"])
-        n = o / (v.sqrt() + group["normuon_eps"])
-        norm_n = torch.linalg.vector_norm(n, dim=fro, keepdim=True).clamp_min(1e-8)
-        return n * (norm_o / norm_n)
+        fro, rows = self._frobenius_dims(p), self._reduce_dims(p)
+        # One pass over the update for the row sums of squares; both Frobenius norms follow
+        # from them (||N||^2 = sum_i r_i^2 rowsum_i), so N is never materialized.
+        rowsum = o.square().sum(dim=rows, keepdim=True)
+        v.lerp_(rowsum / (o.numel() // rowsum.numel()), 1 - group["beta2"])
+        r = 1 / (v.sqrt() + group["normuon_eps"])
+        norm_o = rowsum.sum(dim=fro, keepdim=True).sqrt()
+        norm_n = (r.square() * rowsum).sum(dim=fro, keepdim=True).sqrt().clamp_min(1e-8)
+        return o * (r * (norm_o / norm_n))
 
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         super().apply_update(group, p, self.normalize(group, p, d))

@@ -127,6 +127,32 @@ def main(argv=None) -> None:
             record(res)
 
 
+def sweep_values(res: dict, out: Path = OUT / "sweep") -> dict:
+    """The lr sweeps (``--tag _lr<x>`` runs): seed-0 final val of Muon and NorMuon per lr, and
+    Muon at its best swept lr over the seeds it ran, against each arm at the recipe lr."""
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    if not runs:
+        return {}
+    v = {}
+    for arm in ("muon", "normuon"):
+        curve = {r["lr"]: r["final"] for r in runs if r["arm"] == arm and r["seed"] == 0}
+        curve.update({ARMS[arm][1]: f for s, f in zip(res[arm]["seeds"], res[arm]["finals"]) if s == 0})
+        v[f"{arm}_lr_sweep"] = ", ".join(f"{lr:g}: {f:.3f}" for lr, f in sorted(curve.items()))
+        v[f"{arm}_best_lr"] = min(curve, key=curve.get)
+    best = v["muon_best_lr"]
+    tuned = sorted((r for r in runs if r["arm"] == "muon" and r["lr"] == best), key=lambda r: r["seed"])
+    if best == ARMS["muon"][1]:
+        tuned = [{"seed": s, "final": f} for s, f in zip(res["muon"]["seeds"], res["muon"]["finals"])]
+    by_seed = {r["seed"]: r["final"] for r in tuned}
+    v["muon_tuned_mean"] = round(statistics.mean(by_seed.values()), 4)
+    v["muon_tuned_n"] = len(by_seed)
+    for arm in ("muon_pe", "normuon", "muon_cwd"):
+        d = [f - by_seed[s] for s, f in zip(res[arm]["seeds"], res[arm]["finals"]) if s in by_seed]
+        v[f"{arm}_delta_tuned"] = round(statistics.mean(d), 4)
+        v[f"{arm}_wins_tuned"] = sum(x < 0 for x in d)
+    return v
+
+
 def record(res: dict) -> None:
     """docs/results/muon_family_lm.json from the summary (mean, spread, steps to Muon's final)."""
     from scripts.results import record as write
@@ -144,8 +170,8 @@ def record(res: dict) -> None:
             d = [a - b for a, b in zip(res[arm]["finals"], muon)]
             values[f"{arm}_delta"] = round(statistics.mean(d), 4)
             values[f"{arm}_wins"] = sum(x < 0 for x in d)
-    write("muon_family_lm", values, "python -m scripts.muon_family --arm muon --arm muon_pe "
-          "--arm normuon --arm muon_cwd --seeds 0 1 2 --summary --record")
+    values.update(sweep_values(res))
+    write("muon_family_lm", values)  # the command (runs and sweeps) is kept in the JSON
 
 
 if __name__ == "__main__":
