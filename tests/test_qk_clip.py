@@ -75,6 +75,26 @@ def test_max_logit_stays_at_tau_after_every_step():
     assert qk.last["qk_clip/max_logit/max"] > TAU
 
 
+def test_forward_measure_clips_by_the_training_forwards_logits():
+    """Kimi K2's order: logits of the step's own forward; with lr 0 (weights unmoved) and one
+    layer the post-step max is then exactly tau."""
+    L.seed_everything(0, verbose=False)
+    model = LanguageModel(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32,
+                          optimizer="sgd", lr=0.0, weight_decay=0.0, lr_decay="constant")
+    with torch.no_grad():
+        model.model.blocks[0].attn.c_attn.weight.mul_(30)
+    x = torch.randint(0, 65, (8, 17), generator=torch.Generator().manual_seed(0))
+    before = _gpt_max_logit(model.model, x[:, :-1])
+    assert before > 5 * TAU
+    qk, check = regularizers.QKClip(tau=TAU, measure="forward"), _Check()
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", callbacks=[qk, check])
+    trainer.fit(model, DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=8))
+    assert check.after[0] == pytest.approx(TAU, rel=1e-5)
+    assert not qk._watch  # hooks removed after the batch
+
+
 def _hf_max_logits(model, monkeypatch) -> list[torch.Tensor]:
     """Per layer, the (H,) max logit from the query/key HF hands its eager attention."""
     mod = importlib.import_module(type(model).__module__)
@@ -129,6 +149,10 @@ def test_refusals_name_the_problem():
         regularizers.QKClip(tau=0.0)
     with pytest.raises(ValueError, match="alpha"):
         regularizers.QKClip(alpha=1.5)
+    with pytest.raises(ValueError, match="measure"):
+        regularizers.QKClip(measure="before")
+    with pytest.raises(ValueError, match="public_inputs needs measure='post_step'"):
+        regularizers.QKClip(measure="forward", public_inputs=torch.zeros(1, 2))
     with pytest.raises(ValueError, match="q_norm"):
         attention_modules(build("qwen3", "eager"))
     mlp = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]))

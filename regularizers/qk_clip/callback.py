@@ -10,7 +10,9 @@ import torch
 from toolkit.monitors.base import log_metrics
 
 from ..step_hooks import StepHookCallback
-from .core import attention_modules, clip_forward_
+from .core import attention_modules, clip_forward_, clip_measured_, watch_forward
+
+MEASURES = ("post_step", "forward")
 
 
 class QKClip(StepHookCallback):
@@ -25,13 +27,27 @@ class QKClip(StepHookCallback):
     (heads clipped) on logging steps (``trainer.log_every_n_steps``) only, so other steps never
     wait on the device. ``clipped_total`` (heads clipped over the run) is kept in checkpoints.
 
+    ``measure="forward"`` is Kimi K2's order instead: the max logits come from the step's own
+    training forward (pre-step weights; hooks recompute q.k there, no extra forward) and the
+    clip follows the update, so a head's post-step logit is tau times the update's growth of it,
+    not capped exactly; cheaper.
+
     Privacy: by default it reads the training batch into the update, which DP-SGD's noise does not
     cover, so it is refused beside a ``DPSGD`` callback; pass ``public_inputs`` (a batch of public
     model inputs, e.g. token ids) to measure on that instead, which composes with DP-SGD.
     """
 
-    def __init__(self, tau: float = 100.0, alpha: float = 0.5, public_inputs: Any = None):
+    def __init__(self, tau: float = 100.0, alpha: float = 0.5, public_inputs: Any = None,
+                 measure: str = "post_step"):
         super().__init__()
+        if measure not in MEASURES:
+            raise ValueError(f"QKClip measure={measure!r} is not one of {MEASURES}")
+        if measure == "forward" and public_inputs is not None:
+            raise ValueError("QKClip(measure='forward') reads the training forward's logits; "
+                             "public_inputs needs measure='post_step'")
+        self.measure = measure
+        self._store: list = []
+        self._watch: list = []
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (
                 math.isfinite(tau) and tau > 0):
             raise ValueError(f"QKClip tau={tau!r} must be a finite number > 0 (the logit cap; "
@@ -69,11 +85,24 @@ class QKClip(StepHookCallback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch = batch if self.public_inputs is None else self.public_inputs
+        if self.measure == "forward" and not self._watch:
+            self._watch = watch_forward(self._modules, self._store)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._unwatch()
+
+    def _unwatch(self) -> None:
+        for h in self._watch:
+            h.remove()
+        self._watch = []
 
     def after_step(self, optimizer) -> None:
         if self._batch is None:
             return
-        stats = clip_forward_(self._net, self._batch, self._modules, self.tau, self.alpha)
+        if self.measure == "forward":
+            stats = clip_measured_(self._modules, self._store, self.tau, self.alpha)
+        else:
+            stats = clip_forward_(self._net, self._batch, self._modules, self.tau, self.alpha)
         clipped = torch.stack([c for _, c in stats]) if stats else torch.zeros(0)
         self._pending = self._pending + clipped.sum()
         trainer = self._trainer
@@ -92,6 +121,7 @@ class QKClip(StepHookCallback):
 
     def _remove(self) -> None:
         super()._remove()
+        self._unwatch()
         self._batch = None
 
     def state_dict(self) -> dict[str, Any]:

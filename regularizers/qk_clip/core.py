@@ -139,6 +139,42 @@ def clip_(layout: QKLayout, max_logit: torch.Tensor, tau: float, alpha: float) -
     return gamma
 
 
+def watch_forward(modules: list[tuple[str, nn.Module, QKLayout]], store: list) -> list:
+    """Forward pre-hooks recording each module's per-head max logit (running max over the
+    forwards they see) into ``store[i]`` during a training forward, for :func:`clip_measured_`
+    (Kimi K2's order: logits of the step's forward, clip after the update). Returns the handles."""
+    if len(store) != len(modules):  # kept across micro-batches until clip_measured_ reads it
+        store[:] = [None] * len(modules)
+
+    def hook_for(i):
+        def hook(module, args, kwargs):
+            with torch.no_grad():
+                m = max_logit_per_head(*attention_logits(module, args, kwargs))
+            store[i] = m if store[i] is None else torch.maximum(store[i], m)
+        return hook
+
+    return [mod.register_forward_pre_hook(hook_for(i), with_kwargs=True)
+            for i, (_, mod, _) in enumerate(modules)]
+
+
+@torch.no_grad()
+def clip_measured_(modules: list[tuple[str, nn.Module, QKLayout]], store: list, tau: float,
+                   alpha: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Clip every module by the max logits :func:`watch_forward` recorded (max over ranks under
+    torch.distributed); returns (max logits, heads clipped) per module that saw a forward."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    out = []
+    for (_, _, layout), m in zip(modules, store):
+        if m is None:
+            continue
+        if distributed:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        gamma = clip_(layout, m, tau, alpha)
+        out.append((m, (gamma < 1).sum()))
+    store[:] = [None] * len(modules)
+    return out
+
+
 @torch.no_grad()
 def clip_forward_(model: nn.Module, batch, modules: list[tuple[str, nn.Module, QKLayout]],
                   tau: float, alpha: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
