@@ -1,7 +1,7 @@
-"""Cautious weight decay (Chen, Liang, Liu et al. 2025, "Cautious Weight Decay", arXiv 2510.12402).
+"""Cautious weight decay (Chen et al. 2025, "Cautious Weight Decay", arXiv 2510.12402).
 
 Decoupled decay is applied only on the coordinates where the update and the parameter agree in
-sign (the paper's Algorithm 1, eq. 3):
+sign (the paper's update rule):
 
     x_{t+1} = x_t - lr * (u_t + wd * 1[u_t * x_t >= 0] * x_t)
 

@@ -1,5 +1,5 @@
-"""NorMuon (Li et al. 2025, "NorMuon: Making Muon more efficient and scalable", arXiv 2510.05491,
-Algorithm 1): Muon's orthogonalized update, then a neuron-wise adaptive step.
+"""NorMuon (Li et al. 2025, "NorMuon: Making Muon more efficient and scalable", arXiv 2510.05491):
+Muon's orthogonalized update, then a neuron-wise adaptive step.
 
 With ``O`` the Newton-Schulz output of the Nesterov momentum of a hidden matrix, rows = output
 neurons (the layer's ``(fan_out, fan_in)`` map, whichever way it is stored):
