@@ -146,7 +146,12 @@ def sweep_values(res: dict, out: Path = OUT / "sweep") -> dict:
     by_seed = {r["seed"]: r["final"] for r in tuned}
     v["muon_tuned_mean"] = round(statistics.mean(by_seed.values()), 4)
     v["muon_tuned_n"] = len(by_seed)
+    curves = {(r["arm"], r["seed"]): r["curve"] for r in
+              (json.loads(p.read_text()) for p in sorted(OUT.glob("*.json")))}
     for arm in ("muon_pe", "normuon", "muon_cwd"):
+        reach = [steps_to(curves[arm, s], f) for s, f in by_seed.items() if (arm, s) in curves]
+        if reach and None not in reach:
+            v[f"{arm}_steps_frac_tuned"] = round(statistics.mean(reach) / res[arm]["steps"], 2)
         d = [f - by_seed[s] for s, f in zip(res[arm]["seeds"], res[arm]["finals"]) if s in by_seed]
         v[f"{arm}_delta_tuned"] = round(statistics.mean(d), 4)
         v[f"{arm}_wins_tuned"] = sum(x < 0 for x in d)
