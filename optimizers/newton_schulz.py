@@ -24,11 +24,11 @@ Coefficients (``coefficients``): ``"quintic"`` (the default above: one (a, b, c)
 iteration) or ``"polar_express"``: Polar Express (Amsel, Persson, Musco & Gower 2025, "The Polar
 Express: Optimal Matrix Sign Methods and Their Application to the Muon Algorithm", arXiv
 2505.16932, Algorithm 1), one minimax-optimal odd quintic per iteration. The table is the paper's
-construction for 5 iterations (lower bound l = 1e-3) with safety factor 1.02 and cushion 0.02,
-as published in modded-nanogpt's ``train_gpt.py`` and karpathy/nanochat ``nanochat/optim.py``
-(``polar_express_coeffs``, "num_iters=5, safety_factor=2e-2, cushion=2"); the input is divided by
-``1.02 * ||X||_F`` (the safety factor in the normalization, as in modded-nanogpt), so the
-spectrum starts inside the [l, 1] interval the polynomials were fitted on, rounding included.
+construction for 5 iterations with safety factor 1.02, as published in modded-nanogpt's
+``train_gpt.py`` and karpathy/nanochat ``nanochat/optim.py`` (``polar_express_coeffs``,
+"num_iters=5, safety_factor=2e-2, cushion=2"); the input is divided by ``1.02 * ||X||_F`` (the
+safety factor in the normalization, as in modded-nanogpt), so the spectrum starts inside the
+interval the polynomials were fitted on, rounding included.
 Iterations beyond the fifth reuse the last triple (the paper's ``repeat(coeffs_list[-1])``).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ __all__ = ["as_matrix", "orthogonalize", "orthogonalize_many", "distributed_worl
 
 NS_MATMULS = ("auto", "bf16", "fp32")
 _ABC = (3.4445, -4.7750, 2.0315)
-# Polar Express, 5 iterations, safety 1.02 / cushion 0.02 (see the module doc for the source)
+# Polar Express, 5 iterations, safety factor 1.02 (see the module doc for the source)
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),

@@ -10,7 +10,7 @@ from optimizers.newton_schulz import (POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, coeff
                                       orthogonalize, orthogonalize_many)
 from scripts.ns_spectrum import deviation, spectrum_inputs
 
-# Published 5-iteration table (l = 1e-3, safety 1.02, cushion 0.02), copied from
+# Published 5-iteration table ("num_iters=5, safety_factor=2e-2, cushion=2"), copied from
 # karpathy/nanochat nanochat/optim.py ``polar_express_coeffs`` (same numbers in
 # KellerJordan/modded-nanogpt train_gpt.py); the normalization divides by 1.02 * ||X||_F
 # (modded-nanogpt: ``X / (X.norm() * (1 + 2e-2) + eps)``).
