@@ -125,6 +125,30 @@ def main(argv=None) -> None:
         res = summary()
         if args.record:
             record(res)
+            plot()
+
+
+def plot(out: Path = OUT, path: Path = Path("docs/figures/muon_family_lm.png")) -> None:
+    """Val loss against steps, mean over seeds, per arm (and lr-tuned Muon if swept)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    runs += [dict(r, arm=f"{r['arm']} lr {r['lr']:g}") for r in
+             (json.loads(p.read_text()) for p in sorted((out / "sweep").glob("muon_lr0.04-*.json")))]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in sorted({r["arm"] for r in runs}):
+        curves = [r["curve"] for r in runs if r["arm"] == arm]
+        steps = [s for s, _ in curves[0]]
+        mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
+        ax.plot(steps[2:], mean[2:], label=f"{arm} ({len(curves)} seeds)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss")
+    ax.set_title("Muon family, 2x64 char GPT (recipes/muon_family_lm.yaml)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def sweep_values(res: dict, out: Path = OUT / "sweep") -> dict:
