@@ -83,7 +83,8 @@ def run(cfg: dict, arm: str, seed: int, stable_lr: float) -> dict:
             "val": float(trainer.callback_metrics["val/loss"]),
             "max_logit": max(probe.after), "final_logit": probe.after[-1],
             "steps_above_tau": sum(v > tau * (1 + 1e-5) for v in probe.after) / len(probe.after),
-            "clipped_total": callbacks[0].state_dict()["clipped_total"] if arm == "high+clip" else 0}
+            "clipped_total": callbacks[0].state_dict()["clipped_total"] if arm == "high+clip" else 0,
+            "logits": [round(v, 3) for v in probe.after]}
 
 
 def main(argv=None) -> None:
@@ -114,6 +115,27 @@ def main(argv=None) -> None:
     Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
+def plot(rows: list[dict], tau: float, path: Path = Path("docs/figures/qk_clip_lm.png")) -> None:
+    """Post-step max logit per step (the separate measurement) for the runs that kept it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r.get("logits"):
+            ax.plot(range(1, len(r["logits"]) + 1), r["logits"],
+                    label=f"{r['arm']} (lr {r['lr']:g}, seed {r['seed']})")
+    ax.axhline(tau, color="k", ls="--", lw=0.8, label=f"tau = {tau:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max attention logit after the step")
+    ax.set_title("QK-clip stress (recipes/qk_clip_lm.yaml)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def record(rows: list[dict], cfg: dict) -> None:
     """docs/results/qk_clip_lm.json: per arm mean val, largest post-step max logit, steps above
     tau (recomputed from ``max_logit`` where a run was probed with another tau)."""
@@ -133,7 +155,9 @@ def record(rows: list[dict], cfg: dict) -> None:
     v["recovered_pct"] = round(100 * (v["high_val"] - v["clip_val"]) / (v["high_val"] - v["stable_val"]))
     v["clipped_per_run"] = round(statistics.mean(r["clipped_total"] for r in rows
                                                  if r["arm"] == "high+clip"))
-    write("qk_clip_lm", v, "python -m scripts.qk_clip_stress recipes/qk_clip_lm.yaml --seeds 0 1")
+    write("qk_clip_lm", v, "python -m scripts.qk_clip_stress recipes/qk_clip_lm.yaml --seeds 0 1; "
+          "then --record <its output>")
+    plot(rows, tau)
 
 
 if __name__ == "__main__":
