@@ -44,7 +44,8 @@ class AuON(Muon):
     switches) are refused rather than ignored."""
     refused_options = {"ns_steps": "AuON normalizes the momentum in linear time, without "
                                     "Newton-Schulz (use hybrid_auon for one iteration)",
-                       "ns_dtype": "AuON runs no Newton-Schulz", "ns_matmul": "AuON runs no Newton-Schulz"}
+                       "ns_dtype": "AuON runs no Newton-Schulz", "ns_matmul": "AuON runs no Newton-Schulz",
+                       "ns_coefficients": "AuON runs no Newton-Schulz"}
 
     def __init__(self, params, lr: float = 0.02, **kw):
         refuse_unused(type(self), kw)

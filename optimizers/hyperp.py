@@ -101,7 +101,7 @@ class HyperSphere(Muon):
         if "radius" not in st:
             st["radius"] = self._radius(group, p)
         lr = group["lr"] * group["lr_depth_factor"]
-        p.mul_(1 - group["lr"] * group["weight_decay"])
+        self.decay(group, p, d)
         u = d.float()
         step = lr * self._norm(p, p) / self._norm(p, u).clamp_min(1e-12)
         p.sub_(u * step)

@@ -43,7 +43,8 @@ import torch
 
 from .registry import register
 from . import sharded
-from .newton_schulz import NS_MATMULS, as_matrix, orthogonalize_many
+from .cautious import check_cautious, decay_
+from .newton_schulz import NS_MATMULS, as_matrix, check_coefficients, orthogonalize_many
 from .orientation import fans, group_flags, stacked_flags
 
 ADJUST_LR = ("original", "match_rms_adamw")
@@ -109,6 +110,11 @@ class Muon(torch.optim.Optimizer):
             bitwise), ``"fp32"`` (fp32 GEMMs of the bf16 operands, rounded to bf16: same
             numerics up to accumulation order, faster on CPUs without bf16 units) or
             ``"auto"`` (``"bf16"`` on GPUs and bf16-capable CPUs, else ``"fp32"``).
+        ns_coefficients: ``"quintic"`` (Jordan's 3.4445, -4.7750, 2.0315 every iteration) or
+            ``"polar_express"`` (Amsel et al. 2025, arXiv 2505.16932: one optimal quintic per
+            iteration; :mod:`optimizers.newton_schulz`).
+        cautious_wd: decay only the coordinates where the update and the weight share a sign
+            (Chen et al. 2025, arXiv 2510.12402; :mod:`optimizers.cautious`), in every group.
         adam_lr: lr of the AdamW groups; default ``lr`` with ``match_rms_adamw`` (that is
             its point), else the reference package's 3e-4.
         betas, eps: the AdamW groups' (reference defaults (0.9, 0.95), 1e-10).
@@ -119,7 +125,8 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0, adjust_lr: str = "original",
                  adam_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-10, ns_dtype: str = "bfloat16", ns_matmul: str = "auto"):
+                 eps: float = 1e-10, ns_dtype: str = "bfloat16", ns_matmul: str = "auto",
+                 ns_coefficients: str = "quintic", cautious_wd: bool = False):
         if lr < 0 or (adam_lr is not None and adam_lr < 0):
             raise ValueError(f"learning rates must be >= 0, got lr={lr}, adam_lr={adam_lr}")
         if not 0 <= momentum < 1:
@@ -131,6 +138,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"ns_dtype={ns_dtype!r} is not one of {sorted(NS_DTYPES)}")
         if ns_matmul not in NS_MATMULS:
             raise ValueError(f"ns_matmul={ns_matmul!r} is not one of {NS_MATMULS}")
+        check_coefficients(ns_coefficients)
+        check_cautious(cautious_wd)
         if adam_lr is None:
             adam_lr = lr if adjust_lr == "match_rms_adamw" else 3e-4
         groups = _split_params(params)
@@ -147,7 +156,8 @@ class Muon(torch.optim.Optimizer):
         self._stacked: set[int] = set()  # ids of (E, fan_out, fan_in) expert stacks
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, betas=tuple(betas),
-                        eps=eps, ns_dtype=ns_dtype, ns_matmul=ns_matmul)
+                        eps=eps, ns_dtype=ns_dtype, ns_matmul=ns_matmul,
+                        ns_coefficients=ns_coefficients, cautious_wd=cautious_wd)
         super().__init__(groups, defaults)
         self._sharded = sharded.setup(self)  # FSDP2 DTensors: validated, state created now
         if self._sharded and self._stacked:
@@ -228,18 +238,22 @@ class Muon(torch.optim.Optimizer):
     def directions(self, entries: list[tuple[dict, torch.Tensor, torch.Tensor]]
                    ) -> list[torch.Tensor]:
         """Orthogonalized momentum of each matrix (all groups batched together)."""
-        kinds = {(g["ns_steps"], g["ns_dtype"], g.get("ns_matmul", "auto")) for g, _, _ in entries}
+        # .get: groups from checkpoints written before these options
+        kinds = {(g["ns_steps"], g["ns_dtype"], g.get("ns_matmul", "auto"),
+                  g.get("ns_coefficients", "quintic")) for g, _, _ in entries}
         split = False if self._sharded else None  # sharded: this rank owns these matrices
         mats = [self.matrices(p, u) for _, p, u in entries]
         if len(kinds) == 1:
-            steps, dtype, matmul = kinds.pop()
+            steps, dtype, matmul, coefficients = kinds.pop()
             flat = orthogonalize_many([m for ms in mats for m in ms], steps, split,
-                                      dtype=NS_DTYPES[dtype], matmul=matmul)
+                                      dtype=NS_DTYPES[dtype], matmul=matmul,
+                                      coefficients=coefficients)
         else:
             flat = [o for (g, _, _), ms in zip(entries, mats)
                     for o in orthogonalize_many(ms, g["ns_steps"], split,
                                                 dtype=NS_DTYPES[g["ns_dtype"]],
-                                                matmul=g.get("ns_matmul", "auto"))]
+                                                matmul=g.get("ns_matmul", "auto"),
+                                                coefficients=g.get("ns_coefficients", "quintic"))]
         out, i = [], 0
         for (_, p, _), ms in zip(entries, mats):  # experts of a stack back into one tensor
             out.append(torch.stack(flat[i:i + len(ms)]) if self.is_stacked(p) else flat[i])
@@ -249,13 +263,18 @@ class Muon(torch.optim.Optimizer):
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         lr, mode = group["lr"], group["adjust_lr"]
         ratio = adjusted_ratio(p.shape, mode, id(p) in self._transposed, self.is_stacked(p))
-        p.mul_(1 - lr * group["weight_decay"])
+        self.decay(group, p, d)
         if mode == "original":
             # Same bf16 scaling then fp32 add as muon.muon_update, so results match it.
             d.mul_(ratio)
             p.add_(d, alpha=-lr)
         else:  # torch.optim.Muon folds the ratio into the step size
             p.add_(d, alpha=-lr * ratio)
+
+    def decay(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
+        """Decoupled decay of ``p`` before the update ``-lr * scale * d``; cautious (only where
+        ``d`` and ``p`` share a sign) when the group says so."""
+        decay_(p, d, group["lr"], group["weight_decay"], group.get("cautious_wd", False))
 
     def _adam_step(self, g: dict) -> None:
         ps = [p for p in g["params"] if p.grad is not None]
@@ -284,7 +303,11 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(den, g["eps"])
         upd = torch._foreach_div(m, bc1)
         torch._foreach_div_(upd, den)
-        torch._foreach_mul_(ps, 1 - g["lr"] * g["weight_decay"])
+        if g.get("cautious_wd", False) and g["weight_decay"]:
+            for p, u in zip(ps, upd):
+                decay_(p, u, g["lr"], g["weight_decay"], True)
+        else:
+            torch._foreach_mul_(ps, 1 - g["lr"] * g["weight_decay"])
         torch._foreach_add_(ps, upd, alpha=-g["lr"])
 
 

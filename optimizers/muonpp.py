@@ -85,7 +85,7 @@ class MuonPlusPlus(Muon):
 
     def apply_update(self, group: dict, p: torch.Tensor, d: torch.Tensor) -> None:
         lr = group["lr"]
-        p.mul_(1 - lr * group["weight_decay"])
+        self.decay(group, p, d)
         fan_out, fan_in = self.fans(p)
         p.add_(d, alpha=-lr * math.sqrt(fan_out / fan_in))
 

@@ -21,6 +21,17 @@ CPUs, else ``"fp32"`` (:func:`bf16_units` is the decision).
 Under ``torch.distributed`` each rank orthogonalizes only the matrices it owns (a
 deterministic greedy split by flop count) and the bf16 results are all-gathered, so every
 rank ends with every update, bitwise equal to a single-process computation.
+
+Coefficients (``coefficients``): ``"quintic"`` (the default above: one (a, b, c) for every
+iteration) or ``"polar_express"``: Polar Express (Amsel, Persson, Musco & Gower 2025, "The Polar
+Express: Optimal Matrix Sign Methods and Their Application to the Muon Algorithm", arXiv
+2505.16932, Algorithm 1), one minimax-optimal odd quintic per iteration. The table is the paper's
+construction for 5 iterations with safety factor 1.02, as published in modded-nanogpt's
+``train_gpt.py`` and karpathy/nanochat ``nanochat/optim.py`` (``polar_express_coeffs``,
+"num_iters=5, safety_factor=2e-2, cushion=2"); the input is divided by ``1.02 * ||X||_F`` (the
+safety factor in the normalization, as in modded-nanogpt), so the spectrum starts inside the
+interval the polynomials were fitted on, rounding included.
+Iterations beyond the fifth reuse the last triple (the paper's ``repeat(coeffs_list[-1])``).
 """
 from __future__ import annotations
 
@@ -31,10 +42,37 @@ import torch.distributed as dist
 from muon import zeropower_via_newtonschulz5
 
 __all__ = ["as_matrix", "orthogonalize", "orthogonalize_many", "distributed_world",
-           "NS_MATMULS"]
+           "NS_MATMULS", "NS_COEFFICIENTS", "coefficient_schedule", "check_coefficients"]
 
 NS_MATMULS = ("auto", "bf16", "fp32")
 _ABC = (3.4445, -4.7750, 2.0315)
+# Polar Express, 5 iterations, safety factor 1.02 (see the module doc for the source)
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 1.02
+NS_COEFFICIENTS = ("quintic", "polar_express")
+
+
+def check_coefficients(name: str) -> str:
+    """``name`` if it is a known coefficient table, else a ValueError naming the choices."""
+    if name not in NS_COEFFICIENTS:
+        raise ValueError(f"ns_coefficients={name!r} is not a Newton-Schulz coefficient table: "
+                         f"choose one of {NS_COEFFICIENTS} (quintic: Jordan et al. 2024; "
+                         "polar_express: Amsel et al. 2025, arXiv 2505.16932)")
+    return name
+
+
+def coefficient_schedule(name: str, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of ``steps`` iterations for table ``name``."""
+    check_coefficients(name)
+    if name == "quintic":
+        return [_ABC] * steps
+    return [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)]
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -46,9 +84,10 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
-                  matmul: str = "auto") -> torch.Tensor:
-    """NS_steps(g) ~ U S' V^T with S' in about [0.68, 1.21] (bf16: the reference iteration)."""
-    return _ns(as_matrix(g), steps, dtype, matmul)
+                  matmul: str = "auto", coefficients: str = "quintic") -> torch.Tensor:
+    """NS_steps(g) ~ U S' V^T with S' in about [0.68, 1.21] (bf16: the reference iteration);
+    ``coefficients="polar_express"`` runs the Polar Express table instead (see module doc)."""
+    return _ns(as_matrix(g), steps, dtype, matmul, check_coefficients(coefficients))
 
 
 def bf16_units(device_type: str, cuda_capability: tuple[int, int] | None = None,
@@ -87,27 +126,33 @@ def _bf16_via_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.float(), y.float()).bfloat16()
 
 
-def _quintic(x: torch.Tensor, steps: int, mm) -> torch.Tensor:
+def _quintic(x: torch.Tensor, steps: int, mm, coefficients: str = "quintic") -> torch.Tensor:
     """``muon.zeropower_via_newtonschulz5``'s op sequence on ``x`` (already in the working
-    dtype), every product taken by ``mm``."""
-    a, b, c = _ABC
+    dtype), every product taken by ``mm``; Polar Express changes only the normalization
+    (safety factor) and the per-iteration (a, b, c)."""
     tall = x.size(-2) > x.size(-1)
     x = x.mT if tall else x
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    if coefficients == "quintic":
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    else:
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) * POLAR_EXPRESS_SAFETY + 1e-7)
+    for a, b, c in coefficient_schedule(coefficients, steps):
         A = mm(x, x.mT)
         B = b * A + mm(c * A, A)
         x = a * x + mm(B, x)
     return x.mT if tall else x
 
 
-def _ns(x: torch.Tensor, steps: int, dtype: torch.dtype, matmul: str = "auto") -> torch.Tensor:
+def _ns(x: torch.Tensor, steps: int, dtype: torch.dtype, matmul: str = "auto",
+        coefficients: str = "quintic") -> torch.Tensor:
     if dtype != torch.bfloat16:
         # The same quintic in a wider dtype: closer to the exact iteration than the bf16 reference.
-        return _quintic(x.to(dtype), steps, torch.matmul)
+        return _quintic(x.to(dtype), steps, torch.matmul, coefficients)
     if _resolve(matmul, x.device) == "bf16":
-        return zeropower_via_newtonschulz5(x, steps)
-    return _quintic(x.bfloat16(), steps, _bf16_via_fp32)
+        if coefficients == "quintic":
+            return zeropower_via_newtonschulz5(x, steps)
+        return _quintic(x.bfloat16(), steps, torch.matmul, coefficients)
+    return _quintic(x.bfloat16(), steps, _bf16_via_fp32, coefficients)
 
 
 def distributed_world() -> tuple[int, int]:
@@ -135,7 +180,7 @@ def _owners(shapes: list[torch.Size], world: int) -> list[int]:
 
 
 def _batched(mats: list[torch.Tensor], steps: int, dtype: torch.dtype = torch.bfloat16,
-             matmul: str = "auto") -> list[torch.Tensor]:
+             matmul: str = "auto", coefficients: str = "quintic") -> list[torch.Tensor]:
     """NS of each matrix; same-shape matrices (after orienting them wide) in one batched call."""
     out: list[torch.Tensor | None] = [None] * len(mats)
     buckets: dict[tuple, list[int]] = defaultdict(list)
@@ -143,7 +188,7 @@ def _batched(mats: list[torch.Tensor], steps: int, dtype: torch.dtype = torch.bf
     for i, m in enumerate(wide):
         buckets[(tuple(m.shape), m.device)].append(i)
     for idx in buckets.values():
-        res = _ns(torch.stack([wide[i] for i in idx]), steps, dtype, matmul)
+        res = _ns(torch.stack([wide[i] for i in idx]), steps, dtype, matmul, coefficients)
         for j, i in enumerate(idx):
             out[i] = res[j].mT if wide[i] is not mats[i] else res[j]
     return out  # type: ignore[return-value]
@@ -151,19 +196,21 @@ def _batched(mats: list[torch.Tensor], steps: int, dtype: torch.dtype = torch.bf
 
 def orthogonalize_many(mats: list[torch.Tensor], steps: int = 5,
                        distributed: bool | None = None, dtype: torch.dtype = torch.bfloat16,
-                       matmul: str = "auto") -> list[torch.Tensor]:
-    """NS of every 2D tensor in ``mats`` (results in ``dtype``, same order).
+                       matmul: str = "auto", coefficients: str = "quintic") -> list[torch.Tensor]:
+    """NS of every 2D tensor in ``mats`` (results in ``dtype``, same order), with coefficient
+    table ``coefficients`` (``"quintic"`` or ``"polar_express"``).
 
     ``distributed=None`` splits the work whenever a process group of size > 1 exists.
     All ranks must call this with matrices of the same shapes in the same order (true
     under DDP, where every rank holds the same parameters and averaged gradients).
     """
+    check_coefficients(coefficients)
     rank, world = distributed_world()
     if distributed is False or world == 1 or len(mats) == 0:
-        return _batched(mats, steps, dtype, matmul)
+        return _batched(mats, steps, dtype, matmul, coefficients)
     owner = _owners([m.shape for m in mats], world)
     mine = [i for i, o in enumerate(owner) if o == rank]
-    local = _batched([mats[i] for i in mine], steps, dtype, matmul)
+    local = _batched([mats[i] for i in mine], steps, dtype, matmul, coefficients)
     sizes = [sum(mats[i].numel() for i, o in enumerate(owner) if o == r) for r in range(world)]
     dev = mats[0].device
     # Results travel as raw bytes so every backend (gloo has no bf16) moves them bit for bit.

@@ -185,9 +185,12 @@ def describe_optimizers() -> str:
     return "\n".join(blocks)
 
 
-register("adamw", torch.optim.AdamW, lr=1e-3,
+# torch's classes with the cautious_wd option (optimizers.cautious); without it, torch's own step
+from . import cautious as _cautious  # noqa: E402
+
+register("adamw", _cautious.AdamW, lr=1e-3,
          description="AdamW (Loshchilov & Hutter), torch.optim.AdamW")
-register("adam", torch.optim.Adam, lr=1e-3, description="Adam (Kingma & Ba), torch.optim.Adam")
-register("sgd", torch.optim.SGD, lr=0.01, momentum=0.9,
+register("adam", _cautious.Adam, lr=1e-3, description="Adam (Kingma & Ba), torch.optim.Adam")
+register("sgd", _cautious.SGD, lr=0.01, momentum=0.9,
          description="SGD with heavy-ball momentum 0.9, torch.optim.SGD; no lr suits every model "
          "(the recipes use 0.05-8)")

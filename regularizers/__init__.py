@@ -8,9 +8,9 @@ from .kmixup import KMixup, Mixup, assignment, kmixup_batch, kmixup_partners, mi
 from .batch_transforms import BatchTransform
 from .langevin import IterateAveraging, LangevinNoise, add_langevin_noise_
 from .ghosts import directional_logits, logit_spread, softmax_radius
-from .step_control import LRSpike, RadiusControl
+from .step_control import LRSpike, QKClip, RadiusControl
 
-__all__: list[str] = ["BatchTransform", "DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "LRSpike", "Mixup",
+__all__: list[str] = ["BatchTransform", "DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "LRSpike", "Mixup", "QKClip",
                       "RadiusControl", "directional_logits", "logit_spread", "softmax_radius",
                       "add_langevin_noise_", "assignment", "kmixup_batch", "kmixup_partners",
                       "mixup_batch", "pairwise_cost"]

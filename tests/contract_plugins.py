@@ -29,6 +29,8 @@ CALLBACKS = {
     "IterateAveraging": (lambda: regularizers.IterateAveraging(start_step=2), FAMILIES),
     "RadiusControl": (lambda: regularizers.RadiusControl(r_max=0.05), FAMILIES),
     "LRSpike": (lambda: regularizers.LRSpike(start=3, length=2, factor=100.0), FAMILIES),
+    # a cap below the tiny model's logits, so heads are clipped from the first step
+    "QKClip": (lambda: regularizers.QKClip(tau=0.05), {"lm"}),
     "SpectralMonitor": (lambda: SpectralMonitor(every_n_steps=2), FAMILIES),
     "MassiveActivationMonitor": (lambda: MassiveActivationMonitor(every_n_steps=2, fit=False,
                                                                   plots=False), {"lm"}),

@@ -3,6 +3,7 @@ one process, while each rank orthogonalizes only about half of the matrices."""
 import pytest
 import gc
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,11 +32,19 @@ def _loss(model, x, y):
     return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
-def _build(model):
-    return optimizers.build_optimizer(model, "muon", lr=0.02, weight_decay=0.1, adam_lr=1e-2)
+# NorMuon with every new option: Polar Express, cautious decay, its per-neuron state. fp32
+# Newton-Schulz: DDP's averaged gradients differ from (g0 + g1) / 2 in the last fp32 bit, which a
+# bf16 iteration can round up to a bf16 ulp (as in tests/test_optimizers_fsdp2.py).
+OPTIONS = {"muon": {}, "normuon": {"ns_coefficients": "polar_express", "cautious_wd": True,
+                                   "ns_dtype": "float32"}}
 
 
-def _worker(rank, world, store, out):
+def _build(model, name="muon"):
+    return optimizers.build_optimizer(model, name, lr=0.02, weight_decay=0.1, adam_lr=1e-2,
+                                      **OPTIONS[name])
+
+
+def _worker(rank, world, store, out, name="muon"):
     torch.set_num_threads(1)
     # A file store, not a TCP port: nothing to collide with other jobs on the machine.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -47,7 +56,7 @@ def _worker(rank, world, store, out):
     newton_schulz._batched = lambda mats, *a: counted.append(len(mats)) or real(mats, *a)
     model = _model()
     ddp = DDP(model)
-    opt = _build(model)
+    opt = _build(model, name)
     half = BATCH // world
     for s in range(STEPS):
         x, y = _batch(s)
@@ -65,10 +74,10 @@ def _worker(rank, world, store, out):
     dist.destroy_process_group()
 
 
-def _single_process_reference():
+def _single_process_reference(name="muon"):
     """One process, gradients averaged over the two half batches as DDP averages them."""
     model = _model()
-    opt = _build(model)
+    opt = _build(model, name)
     for s in range(STEPS):
         x, y = _batch(s)
         grads = []
@@ -82,15 +91,16 @@ def _single_process_reference():
     return model, opt
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_two_process_ddp_equals_one_process(tmp_path, name):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out, name), nprocs=2, join=True)
     # split Newton-Schulz + all-gather equals the local computation bit for bit
     local = newton_schulz.orthogonalize_many(_ns_inputs(), 5, distributed=False)
     for a, b in zip(torch.load(f"{out}.ns"), local):
         assert torch.equal(a, b)
     got = torch.load(out)
-    ref_model, ref_opt = _single_process_reference()
+    ref_model, ref_opt = _single_process_reference(name)
     start = _model().state_dict()
     for name, p in ref_model.state_dict().items():
         assert not torch.equal(p, start[name]), name

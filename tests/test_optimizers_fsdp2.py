@@ -13,7 +13,7 @@ import optimizers
 from optimizers import sharded
 from toolkit.models.gpt import GPT, GPTConfig
 
-MATRIX_OPTIMIZERS = ("muon", "hyperp", "muonpp", "auon", "hybrid_auon")
+MATRIX_OPTIMIZERS = ("muon", "hyperp", "muonpp", "auon", "hybrid_auon", "normuon")
 STEPS, BATCH = 3, 8
 # ns_dtype float32: the gradients FSDP2 reduce-scatters differ from one process's in the last
 # fp32 bit, which bf16 Newton-Schulz would round up to bf16 ulps.

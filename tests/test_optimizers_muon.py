@@ -12,7 +12,7 @@ from toolkit.models.gpt import GPT, GPTConfig
 
 
 # Every registry name built on optimizers.Muon (the matrix optimizers of this issue).
-MATRIX_OPTIMIZERS = ("muon", "hyperp", "muonpp", "auon", "hybrid_auon")
+MATRIX_OPTIMIZERS = ("muon", "hyperp", "muonpp", "auon", "hybrid_auon", "normuon")
 
 
 def tiny_gpt(seed=0, **kw):

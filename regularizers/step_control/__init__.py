@@ -10,13 +10,17 @@ checkpoints):
 - :class:`LRSpike` (the same paper's stress test) multiplies every group's lr by ``factor`` for
   a few steps and puts it back after each, so the schedule is unaffected outside the spike.
 
-A new step control (QK-clip, for one) subclasses ``StepHookCallback``, defines ``before_step``
+- :class:`QKClip` (Kimi K2's MuonClip, arXiv 2507.20534; ``regularizers.qk_clip``) rescales
+  the query and key rows of every attention head whose max pre-softmax logit passed ``tau``.
+
+A new step control subclasses ``StepHookCallback``, defines ``before_step``
 and/or ``after_step`` and is exported here and from ``regularizers``. The old import paths
 (``regularizers.LRSpike``, ``regularizers.lr_spike``, ``regularizers.RadiusControl``) keep
 working.
 """
 from ..ghosts import RadiusControl
 from ..step_hooks import StepHookCallback
+from ..qk_clip import QKClip
 from .lr_spike import LRSpike
 
-__all__ = ["LRSpike", "RadiusControl", "StepHookCallback"]
+__all__ = ["LRSpike", "QKClip", "RadiusControl", "StepHookCallback"]
