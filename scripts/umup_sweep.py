@@ -14,6 +14,7 @@ finished runs in ``OUT/results.json`` are skipped. ``report`` writes ``OUT/resul
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -21,10 +22,11 @@ from pathlib import Path
 from scripts.sweep_io import open_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-# x2 grids bracketing each parametrization's best lr at these widths (pilot runs)
-GRIDS = {"sp": [2 ** k for k in range(-10, -2)], "mup": [2 ** k for k in range(-10, -2)],
-         "umup": [2 ** k for k in range(-4, 4)]}
-SETUP = dict(n_layer=2, block_size=64, batch_size=16, steps=200, val_blocks=256, warmup_frac=0.05)
+# x2 grids around each parametrization's best lr at width 64 (a 200-step pilot over 2^-10..2^-3
+# for sp/mup, 2^-4..2^3 for umup's eta); sp's best may fall with width, so its grid reaches lower
+GRIDS = {"sp": [2 ** k for k in range(-10, -5)], "mup": [2 ** k for k in range(-10, -5)],
+         "umup": [2 ** k for k in range(-3, 2)]}
+SETUP = dict(n_layer=2, block_size=64, batch_size=16, steps=300, val_blocks=256, warmup_frac=0.05)
 
 
 def train(parametrization: str, width: int, lr: float, fp8: bool = False, seed: int = 0,
@@ -56,7 +58,6 @@ def best(results: list[dict], par: str, width: int, fp8: bool = False) -> dict |
 
 
 def run_grid(jobs: list[tuple], results: list[dict], path: Path) -> None:
-    import json
     done = {key(r) for r in results}
     for par, width, lr, fp8 in jobs:
         probe = {"parametrization": par, "width": width, "lr": lr, "fp8": fp8, "seed": 0}
@@ -154,9 +155,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lrs", type=float, nargs="+", help="override the grid (transfer)")
     ap.add_argument("--out", default="runs/umup")
+    ap.add_argument("--merge", nargs="*", default=[], help="more OUT folders to report with")
     ap.add_argument("--record", action="store_true", help="write docs/results/umup_lm.json")
     args = ap.parse_args(argv)
     out, path, results = open_sweep(args.out, args.threads, [])
+    for extra in args.merge:  # sweeps run as separate processes, each with its own OUT
+        results += json.loads((Path(extra) / "results.json").read_text())
     if args.stage == "transfer":
         run_grid(transfer_jobs(args.pars, args.widths, args.lrs), results, path)
     elif args.stage == "fp8":

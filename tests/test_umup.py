@@ -279,3 +279,34 @@ def test_monitor_reads_umup_attention_logits():
     logits, _ = attention_logits(attn, (x,), {})
     q, k, _ = attn.qkv(x)
     torch.testing.assert_close(logits, q @ k.transpose(-1, -2) * 2.0 / 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer,opts", [("adamw", {}), ("muon", {"adam_lr": 0.5})])
+def test_umup_resume_is_bitwise(tmp_path, optimizer, opts):
+    """Stop and resume from last.ckpt == a straight run, with u-muP's split param groups."""
+    from tests.test_resume import assert_bitwise, straight_and_resumed
+    from toolkit import TextDataModule
+    make_model = lambda: LanguageModel(vocab_size=65, block_size=16, n_layer=2, n_head=2,
+                                       n_embd=32, parametrization="umup", optimizer=optimizer,
+                                       lr=0.5 if optimizer == "adamw" else 0.02,
+                                       optimizer_kwargs=opts, warmup_steps=2)
+    make_data = lambda: TextDataModule(block_size=16, batch_size=8)
+    assert_bitwise(*straight_and_resumed(make_model, make_data, tmp_path, total=8, stop_at=4))
+
+
+def test_stability_probe_reads_umup_branch_contributions():
+    """The stability monitor's attn/mlp RMS is each branch's contribution to the stream: under
+    u-muP the branch output times tau / sqrt(1 + tau^2)."""
+    from toolkit.monitors.layers import Hooks, resolve_layers
+    from toolkit.monitors.stability.core import StabilityProbe
+    m = _umup(64).float()
+    probe = StabilityProbe(m, resolve_layers(m))
+    seen = {}
+    m.blocks[1].mlp.register_forward_hook(lambda mod, a, o: seen.__setitem__("mlp", _rms(o)))
+    with Hooks() as hooks:
+        probe.attach(hooks)
+        m(torch.randint(0, 65, (2, 16), generator=_gen(7)))
+    tau = m.blocks[1].taus[1]
+    assert probe.values["mlp_rms/layer1"].item() == pytest.approx(
+        seen["mlp"] * tau / math.sqrt(1 + tau * tau), rel=1e-5)
