@@ -30,7 +30,7 @@ SETUP = dict(n_layer=2, block_size=64, batch_size=16, steps=300, val_blocks=256,
 
 
 def train(parametrization: str, width: int, lr: float, fp8: bool = False, seed: int = 0,
-          steps: int = SETUP["steps"]) -> dict:
+          steps: int = SETUP["steps"], mults: dict | None = None) -> dict:
     import lightning as L
     from scripts.lm_run import fit_quietly
     from toolkit import LanguageModel, TextDataModule
@@ -39,31 +39,39 @@ def train(parametrization: str, width: int, lr: float, fp8: bool = False, seed: 
                           n_head=max(1, width // 32), n_embd=width, optimizer="adamw", lr=lr,
                           weight_decay=0.0, optimizer_kwargs={"betas": [0.9, 0.99]},
                           warmup_steps=round(SETUP["warmup_frac"] * steps), lr_decay="cosine",
-                          min_lr_ratio=0.1, parametrization=parametrization, fp8=fp8)
+                          min_lr_ratio=0.1, parametrization=parametrization, fp8=fp8,
+                          **(mults or {}))
     data = TextDataModule(block_size=SETUP["block_size"], batch_size=SETUP["batch_size"],
                           val_blocks=SETUP["val_blocks"], seed=seed)
     val, wall = fit_quietly(model, data, steps)
     return {"parametrization": parametrization, "width": width, "lr": lr, "fp8": fp8,
-            "seed": seed, "steps": steps, "val_loss": val, "wall_s": round(wall, 1)}
+            "seed": seed, "steps": steps, "val_loss": val, "wall_s": round(wall, 1),
+            **({"mults": mults} if mults else {})}
 
 
 def key(r: dict) -> str:
-    return f"{r['parametrization']}_w{r['width']}_lr{r['lr']:g}_fp8{int(r['fp8'])}_s{r['seed']}"
+    m = "".join(f"_{k}{v:g}" for k, v in sorted((r.get("mults") or {}).items()))
+    return f"{r['parametrization']}_w{r['width']}_lr{r['lr']:g}_fp8{int(r['fp8'])}_s{r['seed']}{m}"
 
 
-def best(results: list[dict], par: str, width: int, fp8: bool = False) -> dict | None:
+def best(results: list[dict], par: str, width: int, fp8: bool = False,
+         mults: bool = False) -> dict | None:
+    """Best run of a (parametrization, width, precision); ``mults``: among the multiplier
+    sweep's runs too (else only runs at the default multipliers)."""
     rs = [r for r in results if (r["parametrization"], r["width"], r["fp8"]) == (par, width, fp8)
-          and math.isfinite(r["val_loss"])]
+          and math.isfinite(r["val_loss"]) and (mults or not r.get("mults"))]
     return min(rs, key=lambda r: r["val_loss"]) if rs else None
 
 
 def run_grid(jobs: list[tuple], results: list[dict], path: Path) -> None:
     done = {key(r) for r in results}
-    for par, width, lr, fp8 in jobs:
-        probe = {"parametrization": par, "width": width, "lr": lr, "fp8": fp8, "seed": 0}
+    for par, width, lr, fp8, *mults in jobs:
+        mults = mults[0] if mults else None
+        probe = {"parametrization": par, "width": width, "lr": lr, "fp8": fp8, "seed": 0,
+                 "mults": mults}
         if key(probe) in done:
             continue
-        r = train(par, width, lr, fp8)
+        r = train(par, width, lr, fp8, mults=mults)
         print(f"{key(r)}: val {r['val_loss']:.4f} ({r['wall_s']:.0f}s)", flush=True)
         results.append(r)
         path.write_text(json.dumps(results, indent=1))
@@ -83,6 +91,19 @@ def fp8_jobs(results: list[dict], pars, width: int) -> list[tuple]:
     return jobs
 
 
+MULTS = ("residual_mult", "residual_attn_ratio", "attn_softmax_mult", "ffn_act_mult",
+         "output_mult")
+
+
+def mult_jobs(results: list[dict], width: int, factors=(0.5, 2.0)) -> list[tuple]:
+    """u-muP's named multipliers one at a time at x0.5 and x2 of their default 1, at the best eta
+    of the lr sweep (the paper's independent search, Sec. 4.5, reduced to two points each)."""
+    b = best(results, "umup", width)
+    if b is None:
+        raise SystemExit(f"run `transfer` for umup at width {width} first")
+    return [("umup", width, b["lr"], False, {m: f}) for m in MULTS for f in factors]
+
+
 def summarize(results: list[dict], pars, widths, fp8_width: int) -> dict:
     """Best lr per (parametrization, width), the shift of the best lr in x2 grid steps, the
     default-lr gap of umup, and the FP8 gaps."""
@@ -100,6 +121,11 @@ def summarize(results: list[dict], pars, widths, fp8_width: int) -> dict:
             out[f"{p}_fp32_val"], out[f"{p}_fp8_val"] = round(b32["val_loss"], 4), round(
                 b8["val_loss"], 4)
             out[f"{p}_fp8_gap_pct"] = round(100 * (b8["val_loss"] / b32["val_loss"] - 1), 2)
+    bm = best(results, "umup", widths[0], mults=True)
+    b0 = best(results, "umup", widths[0])
+    if bm and b0 and any(r.get("mults") for r in results):
+        out["umup_mult_best"] = bm.get("mults") or "defaults"
+        out["umup_default_vs_mult_best_pct"] = round(100 * (b0["val_loss"] / bm["val_loss"] - 1), 2)
     for w in widths:  # umup at its default lr (1.0) against its own best
         d = [r for r in results if (r["parametrization"], r["width"], r["lr"], r["fp8"])
              == ("umup", w, 1.0, False)]
@@ -148,7 +174,7 @@ def plot(results: list[dict], pars, widths, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("stage", choices=["transfer", "fp8", "report"])
+    ap.add_argument("stage", choices=["transfer", "fp8", "mults", "report"])
     ap.add_argument("--pars", nargs="+", default=["sp", "mup", "umup"])
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--fp8-width", type=int, default=128)
@@ -158,13 +184,16 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", nargs="*", default=[], help="more OUT folders to report with")
     ap.add_argument("--record", action="store_true", help="write docs/results/umup_lm.json")
     args = ap.parse_args(argv)
-    out, path, results = open_sweep(args.out, args.threads, [])
-    for extra in args.merge:  # sweeps run as separate processes, each with its own OUT
-        results += json.loads((Path(extra) / "results.json").read_text())
+    out, path, own = open_sweep(args.out, args.threads, [])
+    merged = [r for extra in args.merge  # sweeps run as separate processes, each with its OUT
+              for r in json.loads((Path(extra) / "results.json").read_text())]
+    results = own + merged
     if args.stage == "transfer":
-        run_grid(transfer_jobs(args.pars, args.widths, args.lrs), results, path)
+        run_grid(transfer_jobs(args.pars, args.widths, args.lrs), own, path)
+    elif args.stage == "mults":
+        run_grid(mult_jobs(results, args.widths[0]), own, path)
     elif args.stage == "fp8":
-        run_grid(fp8_jobs(results, args.pars, args.fp8_width), results, path)
+        run_grid(fp8_jobs(results, args.pars, args.fp8_width), own, path)
     else:
         s = summarize(results, args.pars, args.widths, args.fp8_width)
         md = f"# u-muP sweep ({SETUP})\n\n{table(results, args.pars, args.widths)}\n\n{s}\n"

@@ -310,3 +310,18 @@ def test_stability_probe_reads_umup_branch_contributions():
     tau = m.blocks[1].taus[1]
     assert probe.values["mlp_rms/layer1"].item() == pytest.approx(
         seen["mlp"] * tau / math.sqrt(1 + tau * tau), rel=1e-5)
+
+
+def test_sweep_summary_counts_grid_steps():
+    """scripts.umup_sweep: best lr per width, its shift in x2 steps, the default-eta gap."""
+    from scripts.umup_sweep import summarize
+    rows = [("umup", 64, 0.5, 2.0), ("umup", 64, 1.0, 2.02), ("umup", 128, 1.0, 1.9),
+            ("umup", 128, 0.5, 1.95), ("sp", 64, 2 ** -7, 2.1), ("sp", 128, 2 ** -9, 2.0),
+            ("sp", 128, 2 ** -7, 2.2)]
+    res = [{"parametrization": p, "width": w, "lr": lr, "fp8": False, "seed": 0, "val_loss": v}
+           for p, w, lr, v in rows]
+    res.append({**res[2], "fp8": True, "val_loss": 1.919})
+    s = summarize(res, ["sp", "umup"], [64, 128], 128)
+    assert s["umup_best_lrs"] == [0.5, 1.0] and s["umup_shift_steps"] == 1
+    assert s["sp_shift_steps"] == 2
+    assert s["umup_w64_default_gap_pct"] == 1.0 and s["umup_fp8_gap_pct"] == 1.0
