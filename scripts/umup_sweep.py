@@ -141,12 +141,14 @@ def table(results: list[dict], pars, widths) -> str:
     for p in pars:
         for w in widths:
             rs = sorted((r for r in results if (r["parametrization"], r["width"], r["fp8"])
-                         == (p, w, False)), key=lambda r: r["lr"])
+                         == (p, w, False) and not r.get("mults")), key=lambda r: r["lr"])
             if rs:
                 b = best(results, p, w)
                 cells = ", ".join(("**%g: %.3f**" if r is b else "%g: %.3f") % (r["lr"], r["val_loss"])
                                   for r in rs)
                 rows.append(f"| {p} | {w} | {cells} | {b['lr']:g} |")
+    rows += ["", "| run | val loss |", "|---|---|"]
+    rows += [f"| {key(r)} | {r['val_loss']:.4f} |" for r in results if r["fp8"] or r.get("mults")]
     return "\n".join(rows)
 
 
@@ -158,7 +160,8 @@ def plot(results: list[dict], pars, widths, path: Path) -> None:
     for ax, p in zip(axes, pars):
         for w in widths:
             pts = sorted((r["lr"], r["val_loss"]) for r in results
-                         if (r["parametrization"], r["width"], r["fp8"]) == (p, w, False))
+                         if (r["parametrization"], r["width"], r["fp8"]) == (p, w, False)
+                         and not r.get("mults"))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"width {w}")
         ax.set_xscale("log", base=2)
@@ -186,6 +189,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out, path, own = open_sweep(args.out, args.threads, [])
     merged = [r for extra in args.merge  # sweeps run as separate processes, each with its OUT
+              if (Path(extra) / "results.json").is_file()
               for r in json.loads((Path(extra) / "results.json").read_text())]
     results = own + merged
     if args.stage == "transfer":
