@@ -124,7 +124,8 @@ def summarize(results: list[dict], pars, widths, fp8_width: int) -> dict:
     bm = best(results, "umup", widths[0], mults=True)
     b0 = best(results, "umup", widths[0])
     if bm and b0 and any(r.get("mults") for r in results):
-        out["umup_mult_best"] = bm.get("mults") or "defaults"
+        out["umup_mult_best"] = ", ".join(f"{k} {v:g}" for k, v in (bm.get("mults") or {}).items()
+                                          ) or "the defaults"
         out["umup_default_vs_mult_best_pct"] = round(100 * (b0["val_loss"] / bm["val_loss"] - 1), 2)
     for w in widths:  # umup at its default lr (1.0) against its own best
         d = [r for r in results if (r["parametrization"], r["width"], r["lr"], r["fp8"])
