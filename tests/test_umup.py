@@ -281,7 +281,6 @@ def test_monitor_reads_umup_attention_logits():
     torch.testing.assert_close(logits, q @ k.transpose(-1, -2) * 2.0 / 32)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,opts", [("adamw", {}), ("muon", {"adam_lr": 0.5})])
 def test_umup_resume_is_bitwise(tmp_path, optimizer, opts):
     """Stop and resume from last.ckpt == a straight run, with u-muP's split param groups."""
