@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from .heads import HEAD_NAMES, head_modules  # noqa: F401  (HEAD_NAMES: old import path)
+from .muon import Muon, default_adam_lr
 from .orientation import stacked_names, transposed_names
+from .parametrization import collect_tags, lr_groups
 from .registry import record
 from .weight_decay_rules import apply_weight_decay_rule
 
@@ -110,6 +112,16 @@ def build_optimizer(model: nn.Module | Iterable, name: str = "adamw", lr: float 
         hparams["betas"] = tuple(hparams["betas"])
     if lr is None:
         lr = rec.default_lr()
+    tags = collect_tags(model) if isinstance(model, nn.Module) else {}
+    if tags:  # a muP / u-muP model: per-tensor lrs (optimizers/parametrization.py)
+        if weight_decay_rule is not None and weight_decay_rule.get("kind") == "layerwise":
+            raise ValueError("the layerwise weight_decay_rule rescales hidden lrs, which the "
+                             "model's parametrization (mup/umup) already sets: drop the rule or "
+                             "use parametrization: sp")
+        muon = isinstance(rec.optimizer_class, type) and issubclass(rec.optimizer_class, Muon)
+        opts = {**rec.defaults(), **rec.fixed, **hparams} if muon else {}
+        adam_lr = default_adam_lr(lr, opts.get("adam_lr"), opts.get("adjust_lr", "original"))
+        groups = lr_groups(groups, tags, lr, muon, adam_lr)
     if weight_decay_rule is not None:
         groups = apply_weight_decay_rule(groups, lr, weight_decay_rule)
     return rec.build(groups, lr=lr, **{**rec.fixed, **hparams})

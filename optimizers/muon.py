@@ -64,6 +64,13 @@ def adjusted_ratio(shape: torch.Size, adjust_lr: str, transposed: bool = False,
     raise ValueError(f"adjust_lr={adjust_lr!r} is not one of {ADJUST_LR}")
 
 
+def default_adam_lr(lr: float, adam_lr: float | None, adjust_lr: str = "original") -> float:
+    """The AdamW groups' lr: ``adam_lr``, else ``lr`` with ``match_rms_adamw``, else 3e-4."""
+    if adam_lr is not None:
+        return adam_lr
+    return lr if adjust_lr == "match_rms_adamw" else 3e-4
+
+
 def _is_sharded(p: torch.Tensor) -> bool:
     if getattr(p, "_fsdp_flattened", False):
         return True
@@ -140,8 +147,7 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"ns_matmul={ns_matmul!r} is not one of {NS_MATMULS}")
         check_coefficients(ns_coefficients)
         check_cautious(cautious_wd)
-        if adam_lr is None:
-            adam_lr = lr if adjust_lr == "match_rms_adamw" else 3e-4
+        adam_lr = default_adam_lr(lr, adam_lr, adjust_lr)
         groups = _split_params(params)
         for g in groups:
             if not g["use_muon"]:

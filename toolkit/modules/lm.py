@@ -7,6 +7,7 @@ import torch
 import torchmetrics
 
 from ..models import GPT, GPTConfig
+from ..models.unit_ops import cross_entropy as unit_cross_entropy
 from ..strategies import shard_blocks
 from .base import LMSteps, TrainModule, cross_entropy
 from .optim_config import LM_DEFAULTS
@@ -21,6 +22,11 @@ class LanguageModel(LMSteps, TrainModule):
     mixture of experts; training then minimizes ``cross-entropy + aux_loss_weight * aux`` (the
     load-balancing loss summed over layers) and logs ``train/aux_loss``. Validation and test
     losses stay the cross-entropy alone, comparable with a dense model's.
+
+    ``parametrization`` ("sp", "mup", "umup") and u-muP's multipliers are GPTConfig's
+    (:mod:`toolkit.models.parametrization`); under "umup" the training loss is the unit-scaled
+    cross-entropy (the same value, a unit-scaled gradient) and the optimizer factory gives each
+    tensor u-muP's learning rate. ``fp8`` simulates FP8 matmuls in every linear layer.
     """
 
     optim_defaults = LM_DEFAULTS
@@ -28,9 +34,15 @@ class LanguageModel(LMSteps, TrainModule):
     def __init__(self, vocab_size: int | None = None, block_size: int = 128, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = False,
                  depth_mup: bool = False, compile: bool = False,
-                 moe: dict[str, Any] | None = None, **optim: Any):
+                 moe: dict[str, Any] | None = None,
+                 parametrization: str = "sp", residual_mult: float = 1.0,
+                 residual_attn_ratio: float = 1.0, attn_softmax_mult: float = 1.0,
+                 ffn_act_mult: float = 1.0, output_mult: float = 1.0, mup_base_width: int = 64,
+                 fp8: bool = False, **optim: Any):
         super().__init__(**optim)  # optimizer, lr, ...: OptimizerConfig (LM_DEFAULTS)
-        GPTConfig(n_head=n_head, n_embd=n_embd, moe=moe)  # bad moe settings fail here, named
+        # bad moe or parametrization settings fail here, named
+        GPTConfig(n_head=n_head, n_embd=n_embd, moe=moe, depth_mup=depth_mup,
+                  **self._param_kwargs(locals()))
         self.model: GPT | None = None
         if vocab_size is not None:
             self._build(vocab_size)
@@ -39,10 +51,19 @@ class LanguageModel(LMSteps, TrainModule):
         # one sequence: Lightning's model summary then reports real FLOPs (it printed 0)
         self.example_input_array = torch.zeros(1, block_size, dtype=torch.long)
 
+    @staticmethod
+    def _param_kwargs(hp) -> dict[str, Any]:
+        """The parametrization fields of GPTConfig present in ``hp`` (a checkpoint from before
+        them has none: it rebuilds as sp, as it was trained)."""
+        keys = ("parametrization", "residual_mult", "residual_attn_ratio", "attn_softmax_mult",
+                "ffn_act_mult", "output_mult", "mup_base_width", "fp8")
+        return {k: hp[k] for k in keys if k in hp}
+
     def _build(self, vocab_size: int) -> None:
         hp = self.hparams
         self.model = GPT(GPTConfig(vocab_size, hp.block_size, hp.n_layer, hp.n_head, hp.n_embd,
-                                   hp.dropout, hp.bias, hp.depth_mup, hp.get("moe")))
+                                   hp.dropout, hp.bias, hp.depth_mup, hp.get("moe"),
+                                   **self._param_kwargs(hp)))
         if hp.compile:
             self.model.compile()
 
@@ -66,7 +87,8 @@ class LanguageModel(LMSteps, TrainModule):
 
     def lm_loss(self, batch) -> tuple[torch.Tensor, int]:
         x, y = batch
-        return cross_entropy(self(x), y), x.shape[0]
+        loss = unit_cross_entropy if self.model.cfg.parametrization == "umup" else cross_entropy
+        return loss(self(x), y), x.shape[0]
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)  # logs the cross-entropy as train/loss

@@ -99,7 +99,8 @@ def attention_logits(module: nn.Module, args: tuple, kwargs: dict
     if callable(getattr(module, "qkv", None)):  # toolkit CausalSelfAttention
         q, k, _ = module.qkv(args[0])
         T = q.shape[-2]
-        return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), _causal(T, T, q.device)
+        scale = getattr(module, "scaling", q.shape[-1] ** -0.5)  # muP / u-muP: mult / d_head
+        return q @ k.transpose(-1, -2) * scale, _causal(T, T, q.device)
     if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
         query = args[0] if args else kwargs["query"]
         key = args[1] if len(args) > 1 else kwargs.get("key", query)

@@ -77,9 +77,11 @@ class StabilityProbe:
             hooks.forward(layer.module, self._once(f"outlier_pct/layer{i}", lambda m, a, o, L=layer:
                                                    100 * outlier_share(L.hidden(o), self.outlier_k)))
             scale = getattr(layer.module, "branch_scale", 1.0)  # what is added to the stream
+            per_branch = getattr(layer.module, "branch_scales", {})  # u-muP: tau/sqrt(1+tau^2)
             for key, found in self.branches[i].items():
                 if found is not None:
-                    hooks.forward(found[1], self._once(f"{key}/layer{i}", lambda m, a, o, c=scale:
+                    hooks.forward(found[1], self._once(f"{key}/layer{i}", lambda m, a, o,
+                                                       c=per_branch.get(key, scale):
                                                        c * rms(first_tensor(o))))
             mlp = self.branches[i]["mlp_rms"]
             if mlp is not None and hasattr(mlp[1], "router_z") and hasattr(mlp[1], "load"):
