@@ -13,3 +13,13 @@ __all__ = ["DPSGD", "Ledger", "PerSampleGradients", "PoissonBatchSampler", "Pois
            "PrivacyError", "calibrate_sigma", "check_callbacks", "check_model",
            "check_optimizers", "check_step", "check_trainer", "clip_factors", "clipped_sum",
            "epsilon", "max_steps", "noisy_mean_", "privatize_", "probe"]
+
+# BandMF noise, cyclic Poisson sampling and user-level cores (pure; the callback wires them).
+from .bandmf import BandedNoise, sensitivity, strategy  # noqa: E402
+from .cyclic_poisson import (accounting_params, bandmf_epsilon, calibrate_bandmf_sigma,  # noqa: E402
+                             cyclic_poisson_batch, partitions)
+from .user_level import els_epsilon, group_by_user, user_clipped_sum  # noqa: E402
+
+__all__ += ["BandedNoise", "accounting_params", "bandmf_epsilon", "calibrate_bandmf_sigma",
+            "cyclic_poisson_batch", "els_epsilon", "group_by_user", "partitions", "sensitivity",
+            "strategy", "user_clipped_sum"]

@@ -1,0 +1,167 @@
+"""User-level DP-SGD cores: who owns which example, ULS and ELS sampling, user clipping.
+
+Charles, Ganesh, McKenna, McMahan, Mitchell, Pillutla, Rush, "Fine-Tuning Large Language
+Models with User-Level Differential Privacy" (arXiv 2407.07737), Sec. 3:
+
+* ULS (user-level sampling, their Alg. 2): Poisson-sample USERS with rate q; each sampled
+  user contributes the clipped average gradient of up to k of its examples; noise
+  N(0, sigma^2 C^2) on the sum. Removing a user changes the sum by at most C, so the run is
+  accounted as DP-SGD over the N users (q, steps, sigma): epsilon is user-level as is.
+* ELS (example-level sampling, their Alg. 1): cap every user at k examples once, then run
+  example-level DP-SGD. A user is then a group of <= k examples; ``els_epsilon`` converts
+  with the (epsilon, delta) group-privacy lemma (Dwork & Roth 2014; Vadhan 2017, Lemma
+  2.2): an (e, d)-DP mechanism is (k e, k exp((k-1) e) d)-DP for groups of k.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from typing import Any, Callable, Sequence
+
+import torch
+
+from toolkit.seeding import generator
+
+from .accounting import epsilon
+
+USER_STREAM, PICK_STREAM, CAP_STREAM = 21, 22, 23
+
+
+def user_keys(dataset: Any, user_key: str | int | Callable[[Any], Hashable]) -> list[Hashable]:
+    """The owner of every example: ``user_key`` is a field name of a dict item, an index
+    into a tuple item, or a function of the item."""
+    keys = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        try:
+            keys.append(user_key(item) if callable(user_key) else item[user_key])
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"example {i} has no user key {user_key!r} ({e!r}); give "
+                             f"user_key as a field of every item or a function of the item") from e
+    return keys
+
+
+def group_by_user(keys: Sequence[Hashable], users: Sequence[Hashable] | None = None
+                  ) -> tuple[list[Hashable], list[torch.Tensor]]:
+    """(users, members): members[u] holds the indices of the examples user u owns.
+    ``users``, when given, is the declared population (e.g. the speaker list); each of
+    them must own an example, since an empty user would inflate N in the accounting."""
+    members: dict[Hashable, list[int]] = {}
+    for i, k in enumerate(keys):
+        if k is None:
+            raise ValueError(f"example {i} has user key None; every example needs an owner")
+        try:
+            members.setdefault(k, []).append(i)
+        except TypeError as e:
+            raise TypeError(f"example {i}'s user key {k!r} is unhashable ({type(k).__name__}); "
+                            "use a str/int/tuple id") from e
+    if users is not None:
+        empty = [u for u in users if u not in members]
+        if empty:
+            raise ValueError(f"users {empty[:5]} own no example; drop them from the population")
+        unknown = [u for u in members if u not in set(users)]
+        if unknown:
+            raise ValueError(f"user keys {unknown[:5]} are not in the declared users")
+        order = list(users)
+    else:
+        order = list(members)
+    return order, [torch.tensor(members[u], dtype=torch.long) for u in order]
+
+
+def sample_users(num_users: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
+    """ULS: each user independently with probability q; depends on (seed, step) only."""
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"user sample rate {sample_rate} must lie in (0, 1]")
+    u = torch.rand(num_users, generator=generator(seed, USER_STREAM, step))
+    return (u < sample_rate).nonzero().squeeze(1)
+
+
+def _pick(idx: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    return idx if len(idx) <= k else idx[torch.randperm(len(idx), generator=g)[:k]].sort().values
+
+
+def select_examples(members: Sequence[torch.Tensor], sampled: torch.Tensor, k: int, seed: int,
+                    step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(example indices, owner): up to k examples of every sampled user, uniformly without
+    replacement (a user with fewer gives all); owner[i] is the user id of row i."""
+    if k < 1:
+        raise ValueError(f"examples_per_user={k}: need >= 1")
+    g = generator(seed, PICK_STREAM, step)
+    picks = [_pick(members[u], k, g) for u in sampled.tolist()]
+    if not picks:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    owner = torch.cat([torch.full((len(p),), u, dtype=torch.long)
+                       for p, u in zip(picks, sampled.tolist())])
+    return torch.cat(picks), owner
+
+
+def cap_examples(members: Sequence[torch.Tensor], k: int, seed: int) -> torch.Tensor:
+    """ELS: the fixed subset of at most k examples per user (drawn once, seeded)."""
+    if k < 1:
+        raise ValueError(f"examples_per_user={k}: need >= 1")
+    g = generator(seed, CAP_STREAM)
+    return torch.cat([_pick(m, k, g) for m in members]).sort().values
+
+
+def user_clipped_sum(grads: Sequence[torch.Tensor], owner: torch.Tensor, max_norm: float
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """sum over users u of clip_C(mean_{i of u} g_i), per parameter, and the users' norms.
+
+    ``grads`` are per-example gradients (row i of each tensor is example i) and ``owner``
+    the user of each row (any order: rows of one user may be anywhere in the batch). The
+    mean is over the user's rows present, the clipping over all parameters together, so
+    one user moves the sum by at most ``max_norm`` (2407.07737, Alg. 2, line 7)."""
+    if max_norm <= 0:
+        raise ValueError(f"max_norm={max_norm}: need > 0")
+    if not grads or owner.numel() == 0:
+        return [torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for g in grads], \
+            torch.zeros(0)
+    # torch.unique's output size is data dependent (one sync per step, like the batch size)
+    uniq, slot = torch.unique(owner.to(grads[0].device), return_inverse=True)
+    U = len(uniq)
+    means = []
+    for g in grads:  # accumulate in fp32+ whatever the gradients' precision
+        dt = torch.float64 if g.dtype == torch.float64 else torch.float32
+        shape = (U,) + (1,) * (g.dim() - 1)
+        acc = torch.zeros((U,) + g.shape[1:], dtype=dt, device=g.device)
+        acc.index_add_(0, slot, g.to(dt))
+        count = torch.zeros(U, dtype=dt, device=g.device).index_add_(
+            0, slot, torch.ones(len(slot), dtype=dt, device=g.device))
+        means.append(acc / count.view(shape))
+    norms = torch.sqrt(sum(m.flatten(1).pow(2).sum(1) for m in means))
+    # same 64-ulp slack as mechanism.clip_factors, so rounding cannot push a user past C
+    c = (max_norm / (norms * (1 + 64 * torch.finfo(norms.dtype).eps) + 1e-6)).clamp(max=1.0)
+    sums = [(m * c.view((U,) + (1,) * (m.dim() - 1))).sum(0).to(g.dtype) for m, g in zip(means, grads)]
+    return sums, norms
+
+
+def els_epsilon(noise_multiplier: float, sample_rate: float, steps: int, k: int, delta: float,
+                accountant: str = "rdp") -> float:
+    """User-level epsilon of ELS at user-level ``delta``: example-level DP-SGD (sigma, q,
+    steps) is (e, d)-DP for every d; group privacy makes it (k e, k exp((k-1) e) d) for a
+    user of <= k examples. We pick the example-level d with k exp((k-1) e(d)) d = delta
+    (bisection on log d; the left side grows with d) and return k e(d). The search goes
+    down to d = delta * e^-30, where Opacus's PRV accountant gives up ("floating point
+    errors will dominate"): hence RDP by default. inf when no such d exists."""
+    if k < 1:
+        raise ValueError(f"examples_per_user={k}: need >= 1")
+    led = [(noise_multiplier, sample_rate, steps)]
+    if k == 1:
+        return epsilon(led, delta, accountant)
+
+    def user_delta(log_d: float) -> float:
+        try:
+            e = epsilon(led, math.exp(log_d), accountant)
+        except ValueError as err:
+            raise ValueError(f"ELS group privacy needs example-level delta down to "
+                             f"{math.exp(log_d):.2g}, which accountant={accountant!r} cannot "
+                             "evaluate; use accountant='rdp'") from err
+        return math.log(k) + (k - 1) * e + log_d
+
+    lo, hi = math.log(delta) - 30.0, math.log(delta / k)  # user_delta(hi) >= log delta
+    if user_delta(lo) > math.log(delta):
+        return math.inf
+    for _ in range(20):  # log d to 3e-5
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if user_delta(mid) <= math.log(delta) else (lo, mid)
+    return k * epsilon(led, math.exp(lo), accountant)
