@@ -192,6 +192,8 @@ def test_bad_inputs_are_clear_errors():
         BandedNoise([0.0, 1.0], 10)
     with pytest.raises(ValueError, match="float32 or float64"):
         BandedNoise([1.0], 10, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="parameters' device"):
+        BandedNoise([1.0], 10, device="meta")(1.0, torch.Generator())
     with pytest.raises(ValueError, match="partitions"):
         partitions(3, 4, seed=0)
     with pytest.raises(ValueError, match="fewer bands"):
@@ -258,3 +260,17 @@ def test_calibration_matches_jax_privacy_amplified_helper():
         sigma = calibrate_bandmf_sigma(target, DELTA, q, n, c, "rdp")
         assert bandmf_epsilon(sigma, q, n, c, DELTA, "rdp") <= target
         assert sigma == pytest.approx(stddev, rel=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_noise_on_cuda_with_a_cuda_generator():
+    c = strategy("bsr", 4)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    noise = BandedNoise(c, 4096, device="cuda")
+    X = torch.stack([noise(1.0, g) for _ in range(8)])
+    assert X.device.type == "cuda" and X.dtype == torch.float32
+    g.manual_seed(0)
+    Z = torch.stack([torch.normal(0.0, 1.0, (4096,), generator=g, device="cuda") for _ in range(8)])
+    C = torch.from_numpy(lower_toeplitz(c, 8)).float().cuda()
+    torch.testing.assert_close(C @ X, Z, atol=1e-5, rtol=1e-5)

@@ -15,11 +15,12 @@ __all__ = ["DPSGD", "Ledger", "PerSampleGradients", "PoissonBatchSampler", "Pois
            "epsilon", "max_steps", "noisy_mean_", "privatize_", "probe"]
 
 # BandMF noise, cyclic Poisson sampling and user-level cores (pure; the callback wires them).
-from .bandmf import BandedNoise, sensitivity, strategy  # noqa: E402
+from .bandmf import BandedNoise  # noqa: E402
+from .bandmf import sensitivity as bandmf_sensitivity, strategy as bandmf_strategy  # noqa: E402
 from .cyclic_poisson import (accounting_params, bandmf_epsilon, calibrate_bandmf_sigma,  # noqa: E402
                              cyclic_poisson_batch, partitions)
 from .user_level import els_epsilon, group_by_user, user_clipped_sum  # noqa: E402
 
-__all__ += ["BandedNoise", "accounting_params", "bandmf_epsilon", "calibrate_bandmf_sigma",
-            "cyclic_poisson_batch", "els_epsilon", "group_by_user", "partitions", "sensitivity",
-            "strategy", "user_clipped_sum"]
+__all__ += ["BandedNoise", "accounting_params", "bandmf_epsilon", "bandmf_sensitivity",
+            "bandmf_strategy", "calibrate_bandmf_sigma", "cyclic_poisson_batch", "els_epsilon",
+            "group_by_user", "partitions", "user_clipped_sum"]

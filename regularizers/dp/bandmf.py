@@ -194,6 +194,9 @@ class BandedNoise:
 
     def __call__(self, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """The next noise vector (shape ``(numel,)``); advances the state."""
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(f"generator on {generator.device}, noise buffers on {self.device}: "
+                             "create the generator on the parameters' device")
         z = torch.normal(0.0, std, (self.numel,), generator=generator, device=self.device,
                          dtype=self.dtype)
         m, c0 = self.bands - 1, self.coefs[0]
