@@ -274,3 +274,25 @@ def test_noise_on_cuda_with_a_cuda_generator():
     Z = torch.stack([torch.normal(0.0, 1.0, (4096,), generator=g, device="cuda") for _ in range(8)])
     C = torch.from_numpy(lower_toeplitz(c, 8)).float().cuda()
     torch.testing.assert_close(C @ X, Z, atol=1e-5, rtol=1e-5)
+
+
+def test_cyclic_batch_sampler_drives_the_poisson_loader():
+    """Same protocol as PoissonBatchSampler: the existing PoissonLoader reads it, steps
+    continue from first_step, and DDP ranks split one global batch."""
+    from torch.utils.data import TensorDataset
+
+    from regularizers.dp.cyclic_poisson import CyclicPoissonBatchSampler
+    from regularizers.dp.sampling import PoissonLoader
+
+    data = TensorDataset(torch.arange(200).float()[:, None])
+    start = {"t": 0}
+    sampler = CyclicPoissonBatchSampler(200, 0.5, 6, 3, seed=7, first_step=lambda: start["t"])
+    batches = [b[0].squeeze(1).long() for b in PoissonLoader(data, sampler)]
+    parts = partitions(200, 3, 0)
+    for t, b in enumerate(batches):
+        assert torch.equal(b, cyclic_poisson_batch(parts, t, 0.5, 7))
+    start["t"] = 4
+    assert torch.equal(next(iter(PoissonLoader(data, sampler)))[0].squeeze(1).long(), batches[4])
+    ranks = [CyclicPoissonBatchSampler(200, 0.5, 6, 3, world=2, rank=r, seed=7) for r in (0, 1)]
+    merged = sorted(sum((next(iter(s)) for s in ranks), []))
+    assert merged == batches[0].tolist()

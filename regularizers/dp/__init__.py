@@ -17,10 +17,12 @@ __all__ = ["DPSGD", "Ledger", "PerSampleGradients", "PoissonBatchSampler", "Pois
 # BandMF noise, cyclic Poisson sampling and user-level cores (pure; the callback wires them).
 from .bandmf import BandedNoise  # noqa: E402
 from .bandmf import sensitivity as bandmf_sensitivity, strategy as bandmf_strategy  # noqa: E402
-from .cyclic_poisson import (accounting_params, bandmf_epsilon, calibrate_bandmf_sigma,  # noqa: E402
-                             cyclic_poisson_batch, partitions)
-from .user_level import els_epsilon, group_by_user, user_clipped_sum  # noqa: E402
+from .cyclic_poisson import (CyclicPoissonBatchSampler, accounting_params,  # noqa: E402
+                             bandmf_epsilon, calibrate_bandmf_sigma, cyclic_poisson_batch,
+                             partitions)
+from .user_level import (els_epsilon, group_by_user, user_clipped_sum,  # noqa: E402
+                         user_clipped_sum_pieces)
 
-__all__ += ["BandedNoise", "accounting_params", "bandmf_epsilon", "bandmf_sensitivity",
+__all__ += ["BandedNoise", "CyclicPoissonBatchSampler", "accounting_params", "bandmf_epsilon", "bandmf_sensitivity",
             "bandmf_strategy", "calibrate_bandmf_sigma", "cyclic_poisson_batch", "els_epsilon",
-            "group_by_user", "partitions", "user_clipped_sum"]
+            "group_by_user", "partitions", "user_clipped_sum", "user_clipped_sum_pieces"]

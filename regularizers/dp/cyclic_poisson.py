@@ -13,7 +13,7 @@ the std of z in units of the clipping norm. jax-privacy makes the same reduction
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from toolkit.seeding import generator
 
 from .accounting import calibrate_sigma, epsilon
 from .bandmf import sensitivity
+from .sampling import fresh_seed
 
 # Generator streams (toolkit.seeding.generator(seed, stream, ...)); the partition split
 # and the per-step draws must not share a stream.
@@ -96,3 +97,35 @@ def calibrate_bandmf_sigma(target_epsilon: float, delta: float, sample_rate: flo
     k = participations(steps, len(coefs))
     return calibrate_sigma(target_epsilon, delta, sample_rate, k, accountant) \
         * sensitivity(coefs, steps)
+
+
+class CyclicPoissonBatchSampler:
+    """``sampling.PoissonBatchSampler``'s protocol (``global_batch``, ``__iter__`` over
+    ``steps`` steps from ``first_step()``, rank r keeps every world-th index), drawing
+    step t from partition ``t mod bands``. ``split_seed`` fixes the (public) partitions;
+    ``seed`` the (secret) draws, fresh from the OS when None."""
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, bands: int,
+                 world: int = 1, rank: int = 0, seed: int | None = None, split_seed: int = 0,
+                 first_step: Callable[[], int] | None = None):
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample rate {sample_rate} must lie in (0, 1]")
+        self.parts = partitions(num_samples, bands, split_seed)
+        self.n, self.q, self.steps, self.bands = num_samples, sample_rate, steps, bands
+        self.world, self.rank = world, rank
+        self.seed = fresh_seed() if seed is None else seed
+        self.first_step = first_step or (lambda: 0)
+
+    def set_epoch(self, epoch: int) -> None:  # draws key on the step, not the epoch
+        pass
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        return cyclic_poisson_batch(self.parts, step, self.q, self.seed)
+
+    def __iter__(self):
+        t = self.first_step()
+        for k in range(self.steps):
+            yield self.global_batch(t + k)[self.rank::self.world].tolist()
+
+    def __len__(self) -> int:
+        return self.steps

@@ -135,6 +135,39 @@ def user_clipped_sum(grads: Sequence[torch.Tensor], owner: torch.Tensor, max_nor
     return sums, norms
 
 
+def user_clipped_sum_pieces(pieces: dict, params: Sequence[torch.Tensor], owner: torch.Tensor,
+                            max_norm: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``user_clipped_sum`` on a per-example gradient engine's pieces (``norm2``,
+    ``weighted_sum``, ``materialize``; regularizers/dp/pieces.py), one parameter at a time.
+
+    Pass 1 materializes each parameter's (B, ...) per-example gradients in turn, only to
+    accumulate the users' mean-gradient norms; pass 2 is the engine's own clipped sum
+    with per-example weights w_i = c_u(i) / n_u(i), i.e. sum_u c_u mean_u. Peak memory is
+    one parameter's per-example gradients, not the model's."""
+    if max_norm <= 0:
+        raise ValueError(f"max_norm={max_norm}: need > 0")
+    present = [p for p in params if p in pieces]
+    if not present or owner.numel() == 0:
+        return [torch.zeros_like(p) for p in params], torch.zeros(0)
+    device = owner.device
+    uniq, slot = torch.unique(owner, return_inverse=True)
+    U = len(uniq)
+    n_u = torch.zeros(U, dtype=torch.float64, device=device).index_add_(
+        0, slot, torch.ones(len(slot), dtype=torch.float64, device=device))
+    norm2 = torch.zeros(U, dtype=torch.float64, device=device)
+    for p in present:
+        g = pieces[p].materialize()
+        acc = torch.zeros((U,) + g.shape[1:], dtype=torch.float64, device=g.device)
+        acc.index_add_(0, slot.to(g.device), g.double())
+        norm2 += (acc.flatten(1) / n_u.to(g.device)[:, None]).pow(2).sum(1).to(device)
+        del g, acc
+    norms = norm2.sqrt()
+    c = (max_norm / (norms * (1 + 64 * torch.finfo(torch.float32).eps) + 1e-6)).clamp(max=1.0)
+    w = (c / n_u)[slot]
+    return [pieces[p].weighted_sum(w.to(p.device)).to(p.dtype) if p in pieces
+            else torch.zeros_like(p) for p in params], norms
+
+
 def els_epsilon(noise_multiplier: float, sample_rate: float, steps: int, k: int, delta: float,
                 accountant: str = "rdp") -> float:
     """User-level epsilon of ELS at user-level ``delta``: example-level DP-SGD (sigma, q,
