@@ -23,6 +23,6 @@ from .cyclic_poisson import (CyclicPoissonBatchSampler, accounting_params,  # no
 from .user_level import (els_epsilon, group_by_user, user_clipped_sum,  # noqa: E402
                          user_clipped_sum_pieces)
 
-__all__ += ["BandedNoise", "CyclicPoissonBatchSampler", "accounting_params", "bandmf_epsilon", "bandmf_sensitivity",
-            "bandmf_strategy", "calibrate_bandmf_sigma", "cyclic_poisson_batch", "els_epsilon",
+__all__ += ["BandedNoise", "CyclicPoissonBatchSampler", "accounting_params", "bandmf_epsilon",
+            "bandmf_sensitivity", "bandmf_strategy", "calibrate_bandmf_sigma", "cyclic_poisson_batch", "els_epsilon",
             "group_by_user", "partitions", "user_clipped_sum", "user_clipped_sum_pieces"]
