@@ -131,7 +131,8 @@ def mixture_pld_epsilon(sigma, q, steps, k, delta):
     return float(pld.self_compose(steps).get_epsilon_for_delta(delta))
 
 
-@pytest.mark.parametrize("sigma,q,steps,k", [(1.0, 0.01, 500, 2), (2.0, 0.02, 300, 4)])
+@pytest.mark.parametrize("sigma,q,steps,k", [
+    (1.0, 0.01, 500, 2), pytest.param(2.0, 0.02, 300, 4, marks=pytest.mark.slow)])
 def test_els_group_privacy_against_dp_accounting(sigma, q, steps, k):
     delta = 1e-5
     ours = els_epsilon(sigma, q, steps, k, delta)

@@ -131,7 +131,8 @@ def user_clipped_sum(grads: Sequence[torch.Tensor], owner: torch.Tensor, max_nor
     norms = torch.sqrt(sum(m.flatten(1).pow(2).sum(1) for m in means))
     # same 64-ulp slack as mechanism.clip_factors, so rounding cannot push a user past C
     c = (max_norm / (norms * (1 + 64 * torch.finfo(norms.dtype).eps) + 1e-6)).clamp(max=1.0)
-    sums = [(m * c.view((U,) + (1,) * (m.dim() - 1))).sum(0).to(g.dtype) for m, g in zip(means, grads)]
+    sums = [(m * c.view((U,) + (1,) * (m.dim() - 1))).sum(0).to(g.dtype)
+            for m, g in zip(means, grads)]
     return sums, norms
 
 
