@@ -278,7 +278,8 @@ def test_noise_on_cuda_with_a_cuda_generator():
 
 def test_cyclic_batch_sampler_drives_the_poisson_loader():
     """Same protocol as PoissonBatchSampler: the existing PoissonLoader reads it, steps
-    continue from first_step, and DDP ranks split one global batch."""
+    continue from first_step, DDP ranks split one global batch, and bands=1 draws
+    DP-SGD's very batches."""
     from torch.utils.data import TensorDataset
 
     from regularizers.dp.cyclic_poisson import CyclicPoissonBatchSampler
@@ -293,6 +294,10 @@ def test_cyclic_batch_sampler_drives_the_poisson_loader():
         assert torch.equal(b, cyclic_poisson_batch(parts, t, 0.5, 7))
     start["t"] = 4
     assert torch.equal(next(iter(PoissonLoader(data, sampler)))[0].squeeze(1).long(), batches[4])
+    from regularizers.dp.sampling import PoissonBatchSampler
+    one = CyclicPoissonBatchSampler(200, 0.3, 5, 1, seed=7)
+    plain = PoissonBatchSampler(200, 0.3, 5, seed=7)
+    assert all(torch.equal(one.global_batch(t), plain.global_batch(t)) for t in range(5))
     ranks = [CyclicPoissonBatchSampler(200, 0.5, 6, 3, world=2, rank=r, seed=7) for r in (0, 1)]
     merged = sorted(sum((next(iter(s)) for s in ranks), []))
     assert merged == batches[0].tolist()

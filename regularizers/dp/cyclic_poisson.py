@@ -23,9 +23,10 @@ from .accounting import calibrate_sigma, epsilon
 from .bandmf import sensitivity
 from .sampling import fresh_seed
 
-# Generator streams (toolkit.seeding.generator(seed, stream, ...)); the partition split
-# and the per-step draws must not share a stream.
-SPLIT_STREAM, DRAW_STREAM = 11, 12
+# Generator streams (toolkit.seeding.generator(seed, stream, ...)). The draws use stream 0,
+# PoissonBatchSampler's (sampling.step_generator), so with bands=1 (one part: all indices
+# in order) the batches are DP-SGD's exactly; the split has its own stream.
+SPLIT_STREAM, DRAW_STREAM = 11, 0
 
 
 def partitions(num_samples: int, bands: int, seed: int) -> list[torch.Tensor]:

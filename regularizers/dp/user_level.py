@@ -22,7 +22,6 @@ import torch
 
 from toolkit.seeding import generator
 
-from .accounting import epsilon
 
 USER_STREAM, PICK_STREAM, CAP_STREAM = 21, 22, 23
 
@@ -81,13 +80,17 @@ def _pick(idx: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
 
 
 def select_examples(members: Sequence[torch.Tensor], sampled: torch.Tensor, k: int, seed: int,
-                    step: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    step: int, world: int = 1, rank: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(example indices, owner): up to k examples of every sampled user, uniformly without
-    replacement (a user with fewer gives all); owner[i] is the user id of row i."""
+    replacement (a user with fewer gives all); owner[i] is the user id of row i. Under DDP
+    rank r keeps the users sampled[r::world] whole: a user split across ranks would be
+    clipped once per rank and could move the sum by world * C."""
     if k < 1:
         raise ValueError(f"examples_per_user={k}: need >= 1")
     g = generator(seed, PICK_STREAM, step)
-    picks = [_pick(members[u], k, g) for u in sampled.tolist()]
+    picks = [_pick(members[u], k, g) for u in sampled.tolist()]  # all ranks draw alike
+    picks, sampled = picks[rank::world], sampled[rank::world]
     if not picks:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     owner = torch.cat([torch.full((len(p),), u, dtype=torch.long)
@@ -169,33 +172,63 @@ def user_clipped_sum_pieces(pieces: dict, params: Sequence[torch.Tensor], owner:
             else torch.zeros_like(p) for p in params], norms
 
 
-def els_epsilon(noise_multiplier: float, sample_rate: float, steps: int, k: int, delta: float,
-                accountant: str = "rdp") -> float:
+def _rdp_epsilon_at(noise_multiplier: float, sample_rate: float, steps: int):
+    """delta -> RDP epsilon of the example-level run; the RDP curve (Opacus's orders and
+    formula, as ``accounting.epsilon(..., "rdp")``) is computed once, the conversion
+    (Balle et al. 2020) per delta, so the bisections below stay cheap."""
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    curve = analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier,
+                                 steps=steps, orders=orders)
+
+    def at(delta: float) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return float(analysis.get_privacy_spent(orders=orders, rdp=curve, delta=delta)[0])
+    return at
+
+
+def els_epsilon(noise_multiplier: float, sample_rate: float, steps: int, k: int,
+                delta: float) -> float:
     """User-level epsilon of ELS at user-level ``delta``: example-level DP-SGD (sigma, q,
     steps) is (e, d)-DP for every d; group privacy makes it (k e, k exp((k-1) e) d) for a
     user of <= k examples. We pick the example-level d with k exp((k-1) e(d)) d = delta
-    (bisection on log d; the left side grows with d) and return k e(d). The search goes
-    down to d = delta * e^-30, where Opacus's PRV accountant gives up ("floating point
-    errors will dominate"): hence RDP by default. inf when no such d exists."""
+    (bisection on log d; the left side grows with d) and return k e(d). RDP accounting:
+    the search goes down to d = delta e^-30, where Opacus's PRV accountant gives up
+    ("floating point errors will dominate"). inf when no such d exists."""
     if k < 1:
         raise ValueError(f"examples_per_user={k}: need >= 1")
-    led = [(noise_multiplier, sample_rate, steps)]
+    eps_at = _rdp_epsilon_at(noise_multiplier, sample_rate, steps)
     if k == 1:
-        return epsilon(led, delta, accountant)
+        return eps_at(delta)
 
-    def user_delta(log_d: float) -> float:
-        try:
-            e = epsilon(led, math.exp(log_d), accountant)
-        except ValueError as err:
-            raise ValueError(f"ELS group privacy needs example-level delta down to "
-                             f"{math.exp(log_d):.2g}, which accountant={accountant!r} cannot "
-                             "evaluate; use accountant='rdp'") from err
-        return math.log(k) + (k - 1) * e + log_d
+    def log_user_delta(log_d: float) -> float:
+        return math.log(k) + (k - 1) * eps_at(math.exp(log_d)) + log_d
 
-    lo, hi = math.log(delta) - 30.0, math.log(delta / k)  # user_delta(hi) >= log delta
-    if user_delta(lo) > math.log(delta):
+    lo, hi = math.log(delta) - 30.0, math.log(delta / k)  # log_user_delta(hi) >= log delta
+    if log_user_delta(lo) > math.log(delta):
         return math.inf
-    for _ in range(20):  # log d to 3e-5
+    for _ in range(30):  # log d to 3e-8
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if user_delta(mid) <= math.log(delta) else (lo, mid)
-    return k * epsilon(led, math.exp(lo), accountant)
+        lo, hi = (mid, hi) if log_user_delta(mid) <= math.log(delta) else (lo, mid)
+    return k * eps_at(math.exp(lo))
+
+
+def calibrate_els_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                        k: int) -> float:
+    """Smallest sigma (to 0.1%) whose ELS user-level epsilon is <= target (bisection;
+    epsilon falls as sigma grows)."""
+    lo, hi = 0.1, 1.0
+    while els_epsilon(hi, sample_rate, steps, k, delta) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"no sigma <= 1e4 reaches user-level epsilon {target_epsilon} "
+                             f"with k={k}; raise the target or lower k")
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if els_epsilon(mid, sample_rate, steps, k, delta) <= target_epsilon \
+            else (mid, hi)
+    return hi
