@@ -161,9 +161,11 @@ def user_clipped_sum_pieces(pieces: dict, params: Sequence[torch.Tensor], owner:
     norm2 = torch.zeros(U, dtype=torch.float64, device=device)
     for p in present:
         g = pieces[p].materialize()
-        acc = torch.zeros((U,) + g.shape[1:], dtype=torch.float64, device=g.device)
-        acc.index_add_(0, slot.to(g.device), g.double())
-        norm2 += (acc.flatten(1) / n_u.to(g.device)[:, None]).pow(2).sum(1).to(device)
+        dt = torch.float64 if g.dtype == torch.float64 else torch.float32  # the engine's wide()
+        acc = torch.zeros((U,) + g.shape[1:], dtype=dt, device=g.device)
+        acc.index_add_(0, slot.to(g.device), g.to(dt))
+        mean = acc.flatten(1) / n_u.to(g.device, dt)[:, None]
+        norm2 += mean.pow(2).sum(1).to(device, torch.float64)
         del g, acc
     norms = norm2.sqrt()
     c = (max_norm / (norms * (1 + 64 * torch.finfo(torch.float32).eps) + 1e-6)).clamp(max=1.0)
