@@ -185,3 +185,20 @@ def test_pieces_version_equals_materialized_on_a_real_engine():
         rest = {p: Dense(g[keep]) for p, g in zip(params, per_ex)}
         moved = full - flat(user_clipped_sum_pieces(rest, params, owner[keep], C)[0])
         assert torch.linalg.norm(moved) <= C * (1 + 1e-6)
+
+
+def test_user_batch_sampler_feeds_the_poisson_loader_and_knows_the_owners():
+    from torch.utils.data import TensorDataset
+
+    from regularizers.dp.sampling import PoissonLoader
+    from regularizers.dp.user_level import UserBatchSampler
+
+    keys = [i % 7 for i in range(40)]
+    _, members = group_by_user(keys)
+    data = TensorDataset(torch.arange(40))
+    sampler = UserBatchSampler(members, 0.5, 4, 3, seed=2)
+    for t, (rows,) in enumerate(PoissonLoader(data, sampler)):
+        owner = sampler.owners(t)
+        assert rows.tolist() == sampler.batch(t)[0].tolist()
+        assert [keys[i] for i in rows.tolist()] == owner.tolist()
+        assert all((owner == u).sum() <= 3 for u in owner.unique())

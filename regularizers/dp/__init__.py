@@ -20,10 +20,10 @@ from .bandmf import sensitivity as bandmf_sensitivity, strategy as bandmf_strate
 from .cyclic_poisson import (CyclicPoissonBatchSampler, accounting_params,  # noqa: E402
                              bandmf_epsilon, calibrate_bandmf_sigma, cyclic_poisson_batch,
                              partitions)
-from .user_level import (calibrate_els_sigma, els_epsilon, group_by_user,  # noqa: E402
-                         user_clipped_sum, user_clipped_sum_pieces)
+from .user_level import (UserBatchSampler, calibrate_els_sigma, els_epsilon,  # noqa: E402
+                         group_by_user, user_clipped_sum, user_clipped_sum_pieces)
 
 __all__ += ["BandedNoise", "CyclicPoissonBatchSampler", "accounting_params", "bandmf_epsilon",
             "bandmf_sensitivity", "bandmf_strategy", "calibrate_bandmf_sigma",
             "calibrate_els_sigma", "cyclic_poisson_batch", "els_epsilon", "group_by_user",
-            "partitions", "user_clipped_sum", "user_clipped_sum_pieces"]
+            "partitions", "UserBatchSampler", "user_clipped_sum", "user_clipped_sum_pieces"]

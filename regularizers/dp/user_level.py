@@ -234,3 +234,40 @@ def calibrate_els_sigma(target_epsilon: float, delta: float, sample_rate: float,
         lo, hi = (lo, mid) if els_epsilon(mid, sample_rate, steps, k, delta) <= target_epsilon \
             else (mid, hi)
     return hi
+
+
+class UserBatchSampler:
+    """ULS as a batch sampler with ``sampling.PoissonBatchSampler``'s protocol (so
+    ``PoissonLoader`` reads it): step t yields this rank's rows of ``select_examples``
+    for the users ``sample_users`` draws. ``owners(t)`` recomputes the users of those rows
+    from (seed, t), so the callback needs no side channel from the loader."""
+
+    def __init__(self, members: Sequence[torch.Tensor], sample_rate: float, steps: int, k: int,
+                 world: int = 1, rank: int = 0, seed: int | None = None,
+                 first_step: Callable[[], int] | None = None):
+        from .sampling import fresh_seed
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"user sample rate {sample_rate} must lie in (0, 1]")
+        self.members, self.q, self.steps, self.k = members, sample_rate, steps, k
+        self.world, self.rank = world, rank
+        self.seed = fresh_seed() if seed is None else seed
+        self.first_step = first_step or (lambda: 0)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        users = sample_users(len(self.members), self.q, self.seed, step)
+        return select_examples(self.members, users, self.k, self.seed, step, self.world,
+                               self.rank)
+
+    def owners(self, step: int) -> torch.Tensor:
+        return self.batch(step)[1]
+
+    def set_epoch(self, epoch: int) -> None:  # draws key on the step
+        pass
+
+    def __iter__(self):
+        t = self.first_step()
+        for j in range(self.steps):
+            yield self.batch(t + j)[0].tolist()
+
+    def __len__(self) -> int:
+        return self.steps
