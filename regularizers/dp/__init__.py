@@ -13,3 +13,17 @@ __all__ = ["DPSGD", "Ledger", "PerSampleGradients", "PoissonBatchSampler", "Pois
            "PrivacyError", "calibrate_sigma", "check_callbacks", "check_model",
            "check_optimizers", "check_step", "check_trainer", "clip_factors", "clipped_sum",
            "epsilon", "max_steps", "noisy_mean_", "privatize_", "probe"]
+
+# BandMF noise, cyclic Poisson sampling and user-level cores (pure; the callback wires them).
+from .bandmf import BandedNoise  # noqa: E402
+from .bandmf import sensitivity as bandmf_sensitivity, strategy as bandmf_strategy  # noqa: E402
+from .cyclic_poisson import (CyclicPoissonBatchSampler, accounting_params,  # noqa: E402
+                             bandmf_epsilon, calibrate_bandmf_sigma, cyclic_poisson_batch,
+                             partitions)
+from .user_level import (UserBatchSampler, calibrate_els_sigma, els_epsilon,  # noqa: E402
+                         group_by_user, user_clipped_sum, user_clipped_sum_pieces)
+
+__all__ += ["BandedNoise", "CyclicPoissonBatchSampler", "accounting_params", "bandmf_epsilon",
+            "bandmf_sensitivity", "bandmf_strategy", "calibrate_bandmf_sigma",
+            "calibrate_els_sigma", "cyclic_poisson_batch", "els_epsilon", "group_by_user",
+            "partitions", "UserBatchSampler", "user_clipped_sum", "user_clipped_sum_pieces"]
