@@ -160,7 +160,8 @@ def sweep_values(res: dict, out: Path = OUT / "sweep") -> dict:
     v = {}
     for arm in ("muon", "normuon"):
         curve = {r["lr"]: r["final"] for r in runs if r["arm"] == arm and r["seed"] == 0}
-        curve.update({ARMS[arm][1]: f for s, f in zip(res[arm]["seeds"], res[arm]["finals"]) if s == 0})
+        curve.update((ARMS[arm][1], f) for s, f in zip(res[arm]["seeds"], res[arm]["finals"])
+                     if s == 0)
         v[f"{arm}_lr_sweep"] = ", ".join(f"{lr:g}: {f:.3f}" for lr, f in sorted(curve.items()))
         v[f"{arm}_best_lr"] = min(curve, key=curve.get)
     best = v["muon_best_lr"]

@@ -74,7 +74,7 @@ def test_loss_and_gradient_match_jax_privacy():
         loss, grad = _loss_and_grad(c, a)
         if beta == 0:
             assert loss == pytest.approx(float(toeplitz.loss(c, n)), rel=1e-12)
-            ref = np.asarray(jax.grad(lambda v: toeplitz.loss(v, n))(c))
+            ref = np.asarray(jax.grad(lambda v, n=n: toeplitz.loss(v, n))(c))
             np.testing.assert_allclose(grad, ref, rtol=1e-9)
         fd = [(_loss_and_grad(c + e, a)[0] - _loss_and_grad(c - e, a)[0]) / 2e-6
               for e in np.eye(b) * 1e-6]

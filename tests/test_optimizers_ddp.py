@@ -3,7 +3,6 @@ one process, while each rank orthogonalizes only about half of the matrices."""
 import pytest
 import gc
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

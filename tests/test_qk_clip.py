@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import regularizers
 from regularizers.qk_clip import attention_modules, clip_, clip_forward_
-from tests.test_hf_attention_z import CONFIGS, batch, build
+from tests.test_hf_attention_z import batch, build
 from toolkit import LanguageModel
 
 TAU = 2.0

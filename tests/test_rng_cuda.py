@@ -2,7 +2,6 @@
 mocked, so this runs on CPU; tests/test_gpu.py resumes dropout on a real GPU)."""
 import torch
 
-from toolkit import callbacks
 from toolkit.callbacks import RNGState
 
 

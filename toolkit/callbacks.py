@@ -59,7 +59,8 @@ def restore_cuda_rng(states: list[torch.Tensor] | None, saved_device: int = 0) -
     n = torch.cuda.device_count()
     if len(states) > n:
         warnings.warn(f"the checkpoint holds RNG states of {len(states)} CUDA devices; this "
-                      f"process sees {n}: devices {n}..{len(states) - 1} are not restored")
+                      f"process sees {n}: devices {n}..{len(states) - 1} are not restored",
+                      stacklevel=2)
     torch.cuda.set_rng_state_all(states[:n])
     if saved_device < len(states):
         torch.cuda.set_rng_state(states[saved_device], torch.cuda.current_device())

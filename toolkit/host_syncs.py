@@ -58,7 +58,7 @@ class HostSyncs:
             self._saved[name] = original = getattr(torch.Tensor, name)
             setattr(torch.Tensor, name, self._wrap(name, original))
         self._saved["to"] = to = torch.Tensor.to
-        setattr(torch.Tensor, "to", self._wrap_to(to))
+        torch.Tensor.to = self._wrap_to(to)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -126,7 +126,7 @@ def probe(model: torch.nn.Module, engine: PerSampleGradients, loss_of: Callable,
             pieces = engine.pieces()
         engine.clear()
         norm2 = torch.sqrt(sum(pieces[p].norm2() for p in params if p in pieces))
-        singles = [to_device(_seeded(lambda: collate([it]))) for it in items]
+        singles = [to_device(_seeded(lambda it=it: collate([it]))) for it in items]
         if not all(same_batch(rows_of(batch, i), one) for i, one in enumerate(singles)):
             return  # rows are not the examples alone (padding): such steps run isolated
         for i, one in enumerate(singles):

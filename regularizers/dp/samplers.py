@@ -100,7 +100,7 @@ def _norm(module, acts, grad):
         xh = F.layer_norm(wide(x), shape, eps=module.eps)
     else:
         xh = F.rms_norm(wide(x), shape, eps=module.eps)
-    B, n = x.shape[0], len(shape)
+    B = x.shape[0]
     G = wide(grad).reshape(B, -1, *shape).to(xh.dtype)
     out = {}
     if module.weight is not None and _trainable(module.weight):

@@ -80,8 +80,8 @@ class StabilityProbe:
             per_branch = getattr(layer.module, "branch_scales", {})  # u-muP: tau/sqrt(1+tau^2)
             for key, found in self.branches[i].items():
                 if found is not None:
-                    hooks.forward(found[1], self._once(f"{key}/layer{i}", lambda m, a, o,
-                                                       c=per_branch.get(key, scale):
+                    c = per_branch.get(key, scale)
+                    hooks.forward(found[1], self._once(f"{key}/layer{i}", lambda m, a, o, c=c:
                                                        c * rms(first_tensor(o))))
             mlp = self.branches[i]["mlp_rms"]
             if mlp is not None and hasattr(mlp[1], "router_z") and hasattr(mlp[1], "load"):
