@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optimizers.orientation import stores_transposed
+
 from .pieces import Dense, EmbeddingRows, LinearLike, Piece, wide
 
 Sampler = Callable[[nn.Module, tuple, torch.Tensor], dict[nn.Parameter, Piece]]
@@ -39,8 +41,9 @@ def _linear(module, acts, grad):
 
 
 def is_conv1d(module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out); the one
+    test is :func:`optimizers.orientation.stores_transposed`."""
+    return stores_transposed(module) and isinstance(getattr(module, "weight", None), nn.Parameter)
 
 
 def _patches(x: torch.Tensor, k, d, s) -> torch.Tensor:
