@@ -45,6 +45,12 @@ NOT_IN_CONTRACT = {
     "rco": "optimizes BitWidthSearch's relaxation logits (registered model_params=False), not "
            "a model's parameters; tests/test_rco.py checks it against brute force",
 }
+# plug-ins whose resume is deliberately not a bitwise continuation, and why; the contract
+# checks instead that the resumed run differs (fresh draws) and finishes the same budget
+FRESH_ON_RESUME = {
+    "DPSGD": "every fit and resume draws fresh noise and batches, so no released noise is ever "
+             "replayed (issue 23); tests/test_dp_fresh_noise.py checks the ledger continues",
+}
 # plug-ins no recipe names, and why (every other one is named in some recipes/*.yaml)
 NO_RECIPE = {
     "BatchTransform": "abstract base of KMixup and Mixup",

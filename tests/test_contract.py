@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import optimizers
-from tests.contract_plugins import (CALLBACKS, NO_RECIPE, NOT_IN_CONTRACT, REFUSED, callback,
+from tests.contract_plugins import (CALLBACKS, FRESH_ON_RESUME, NO_RECIPE, NOT_IN_CONTRACT,
+                                    REFUSED, callback,
                                     contract_callbacks, contract_optimizers,
                                     pairs, plugin_names)
 from tests.test_resume import assert_bitwise, straight_and_resumed
@@ -46,7 +47,8 @@ def test_every_plugin_takes_part_or_says_why():
     # an optimizer that does not train a model's parameters cannot run the contract
     assert set(contract_optimizers()) == set(optimizers.model_optimizers()), \
         "declare why in tests/contract_plugins.py NOT_IN_CONTRACT"
-    stale = (set(CALLBACKS) | set(NOT_IN_CONTRACT) | set(NO_RECIPE)) - set(plugin_names())
+    stale = (set(CALLBACKS) | set(NOT_IN_CONTRACT) | set(NO_RECIPE) | set(FRESH_ON_RESUME)) \
+        - set(plugin_names())
     assert not stale, f"entries for plug-ins that no longer exist: {sorted(stale)}"
     assert not set(NOT_IN_CONTRACT) & set(contract_callbacks() + contract_optimizers())
 
@@ -86,7 +88,13 @@ def test_every_callback_resumes_bitwise_mid_epoch(name, tmp_path, tiny_mnist, mo
     base = resume.trainer
     monkeypatch.setattr(resume, "trainer",
                         lambda **kw: base(**{**kw, "callbacks": kw["callbacks"] + [factory()]}))
-    assert_bitwise(*straight_and_resumed(make_model, make_data, tmp_path, total=8, stop_at=5))
+    straight, resumed = straight_and_resumed(make_model, make_data, tmp_path, total=8, stop_at=5)
+    if name in FRESH_ON_RESUME:
+        assert straight.keys() == resumed.keys()
+        assert any(not torch.equal(straight[k], resumed[k]) for k in straight), \
+            f"{name} replayed its draws on resume: {FRESH_ON_RESUME[name]}"
+        return
+    assert_bitwise(straight, resumed)
 
 
 # ---- SIGKILL ------------------------------------------------------------------------------
