@@ -3,6 +3,7 @@ core (``core.py``, or several modules for DP-SGD) and a thin Lightning callback 
 Shared pieces: ``batch_transforms`` (callbacks that rewrite training batches) and ``step_hooks``
 (callbacks acting around ``optimizer.step()``)."""
 from .dp import DPSGD
+from .dp_barycenter import barycenter_cost, dp_barycenter
 from .kmixup import KMixup, Mixup, assignment, kmixup_batch, kmixup_partners, mixup_batch, pairwise_cost
 from .batch_transforms import BatchTransform
 from .langevin import IterateAveraging, LangevinNoise, add_langevin_noise_
@@ -11,5 +12,5 @@ from .ghosts import RadiusControl, directional_logits, logit_spread, softmax_rad
 
 __all__: list[str] = ["BatchTransform", "DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "LRSpike", "Mixup",
                       "RadiusControl", "directional_logits", "logit_spread", "softmax_radius",
-                      "add_langevin_noise_", "assignment", "kmixup_batch", "kmixup_partners",
+                      "add_langevin_noise_", "assignment", "barycenter_cost", "dp_barycenter", "kmixup_batch", "kmixup_partners",
                       "mixup_batch", "pairwise_cost"]
