@@ -93,6 +93,7 @@ def test_histogram_sensitivity_black_box():
     assert worst == pytest.approx(HISTOGRAM_SENSITIVITY)
 
 
+@pytest.mark.slow
 def test_noise_scale_matches_calibration():
     rng = np.random.default_rng(3)
     ms = [rng.uniform(-0.5, 0.5, (20, 2)) for _ in range(2)]
