@@ -30,7 +30,7 @@ WIDTH = 110
 ORDER = ["quickstart", "mnist_cnn", "muon_lm", "hyperp_lm", "hyperp_moe_lm", "powerlines_wd_lm",
          "layerwise_wd_lm", "muonpp_lm", "auon_lm", "erm_mnist",
          "mixup_mnist", "kmixup_mnist", "ghosts_lr_spike", "langevin_mnist", "dpsgd_mnist",
-         "dp_lm", "massive_activations_lm", "hf_llama_muon", "minilm_speakers", "rco_mixed_precision_lm"]
+         "dp_lm", "mfld_private_trajectories", "massive_activations_lm", "hf_llama_muon", "minilm_speakers", "rco_mixed_precision_lm"]
 
 
 def load(recipe: str) -> dict[str, Any]:
