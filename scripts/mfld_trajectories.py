@@ -68,11 +68,53 @@ def plot(Z: dict, truth: np.ndarray, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+SUMMARY = ("private synthetic trajectories by MFLD, one point per person, (4, 1e-6)-DP: held-out W2 "
+           "{point_4:.3f} (non-private {point_inf:.3f}; whole trajectory per person at the same eps {trajectory_4:.3f})")
+MEASURED = ("sweep, 3 seeds, 150 steps, 64 particles, 2000 people per observed time, delta 1e-6: mean W2 to "
+            "the true marginals at the 4 held-out times, one point / whole trajectory per person: eps 1 "
+            "{point_1:.3f} / {trajectory_1:.3f}, eps 2 {point_2:.3f} / {trajectory_2:.3f}, eps 4 {point_4:.3f} / "
+            "{trajectory_4:.3f}, eps 8 {point_8:.3f} / {trajectory_8:.3f}, no noise {point_inf:.3f} (observed times at "
+            "eps 4: {point_4_obs:.3f}). This recipe (seed 0): held-out W2 {recipe_w2_held_out:.3f}, observed "
+            "{recipe_w2_observed:.3f}, epsilon {recipe_epsilon:.3f}, {recipe_wall_s:.0f} s wall on 2 shared cores.")
+
+
+def record(recipe_run: Path | None, wall_s: float | None) -> None:
+    """docs/results/mfld_private_trajectories.json from the sweep file and one recipe run folder."""
+    from scripts.results import RESULTS, record as write
+    runs = json.loads((ROOT / "docs" / "results" / "mfld_sweep.json").read_text())["runs"]
+    values = {}
+    for key, row in runs.items():
+        adj, eps = key.split("@")
+        values[f"{adj}_{eps}"] = round(row["w2_held_out"], 4)
+        values[f"{adj}_{eps}_obs"] = round(row["w2_observed"], 4)
+    if recipe_run is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        ea = EventAccumulator(str(recipe_run))
+        ea.Reload()
+        for tag in ("val/w2_held_out", "val/w2_observed"):
+            values["recipe_" + tag.split("/")[1]] = round(ea.Scalars(tag)[-1].value, 4)
+        values["recipe_epsilon"] = round(json.loads((recipe_run / "dp_report.json").read_text())["epsilon"], 4)
+        values["recipe_wall_s"] = wall_s
+    path = RESULTS / "mfld_private_trajectories.json"
+    if not path.exists():
+        path.write_text(json.dumps({"recipe": "mfld_private_trajectories", "summary": SUMMARY,
+                                    "measured": MEASURED, "values": {}}, indent=2) + "\n")
+    write("mfld_private_trajectories", values,
+          command="python -m scripts.mfld_trajectories --seeds 3 && python -m toolkit fit --config "
+                  "recipes/mfld_private_trajectories.yaml")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0, math.inf])
+    ap.add_argument("--record", type=Path, default=None,
+                    help="only write docs/results from mfld_sweep.json and this recipe run folder")
+    ap.add_argument("--wall", type=float, default=None, help="the recipe run's wall time (s)")
     args = ap.parse_args()
+    if args.record is not None:
+        record(args.record, args.wall)
+        return
     torch.set_num_threads(1)
     truth = simulate(500, TIMES, 10_000)
     rows, shown, t0 = {}, {}, time.time()
