@@ -43,7 +43,8 @@ def snapshots(adjacency: str, seed: int = 0) -> dict[int, torch.Tensor]:
 def run(epsilon: float, adjacency: str, seed: int, truth: np.ndarray) -> dict:
     clip = kernel_bound(CFG["n_particles"])
     sigma, noise = step_noise(epsilon, DELTA, CFG["steps"], clip, adjacency, len(OBSERVED))
-    Z = generate(snapshots(adjacency), torch.tensor(TIMES), clip=clip, noise_std=noise, seed=seed, **CFG)
+    Z = generate(snapshots(adjacency), torch.tensor(TIMES), clip=clip, noise_std=noise, seed=seed,
+                 counts={s: float(N_PEOPLE) for s in OBSERVED}, **CFG)
     w = [w2(Z[:, s].numpy(), truth[:, s]) for s in range(len(TIMES))]
     people = N_PEOPLE * (len(OBSERVED) if adjacency == "point" else 1)
     rep = privacy_report(sigma, CFG["steps"], DELTA, clip, adjacency, len(OBSERVED), people)

@@ -114,27 +114,29 @@ def person_sensitivity(clip: float, adjacency: str, n_observed: int) -> float:
 
 def mfld_gradient(Z: torch.Tensor, data: dict[int, torch.Tensor], times: torch.Tensor, *,
                   clip: float, noise_std: float, path_weight: float, reg: float,
-                  generator: torch.Generator) -> torch.Tensor:
+                  generator: torch.Generator, counts: dict[int, float] | None = None) -> torch.Tensor:
     """The privatized first-variation gradient at every particle: (N, S, d).
 
     ``noise_std`` is the std of the Gaussian added to each snapshot's clipped sum (sigma times
-    the person sensitivity); the data term's first variation is that sum / n_s.
+    the person sensitivity); the data term's first variation is that sum / n_s, with n_s the
+    public ``counts[s]`` (under add/remove adjacency the true count is private, as DP-SGD
+    divides by the expected batch size); without ``counts`` the true sizes are used.
     """
     grad = smooth_gradient(Z, times, sorted(data), path_weight, reg)
     for s, x in data.items():
         total = clipped_sum(person_gradients(x, Z[:, s]), clip)
         if noise_std > 0:
             total = total + noise_std * torch.randn(total.shape, generator=generator, dtype=Z.dtype)
-        grad[:, s] += total / len(x)
+        grad[:, s] += total / (counts[s] if counts is not None else len(x))
     return grad
 
 
 def mfld_step(Z: torch.Tensor, data: dict[int, torch.Tensor], times: torch.Tensor, *, clip: float,
               noise_std: float, lr: float, temperature: float, path_weight: float, reg: float,
-              generator: torch.Generator) -> torch.Tensor:
+              generator: torch.Generator, counts: dict[int, float] | None = None) -> torch.Tensor:
     """One MFLD step: Z - lr * (private gradient) + sqrt(2 lr tau) xi; returns the new Z."""
     grad = mfld_gradient(Z, data, times, clip=clip, noise_std=noise_std, path_weight=path_weight,
-                         reg=reg, generator=generator)
+                         reg=reg, generator=generator, counts=counts)
     new = Z - lr * grad
     if temperature > 0:
         new = new + math.sqrt(2 * lr * temperature) * torch.randn(Z.shape, generator=generator, dtype=Z.dtype)
@@ -149,13 +151,14 @@ def w2(a: np.ndarray, b: np.ndarray) -> float:
 
 def generate(data: dict[int, torch.Tensor], times: torch.Tensor, *, n_particles: int, steps: int,
              lr: float, temperature: float, path_weight: float, reg: float, clip: float,
-             noise_std: float, seed: int, on_step=None) -> torch.Tensor:
+             noise_std: float, seed: int, counts: dict[int, float] | None = None,
+             on_step=None) -> torch.Tensor:
     """``steps`` MFLD steps from a data-independent start N(0, I): particles (N, S, d)."""
     g = torch.Generator().manual_seed(seed)
     Z = torch.randn(n_particles, len(times), 2, generator=g, dtype=torch.float64)
     for step in range(steps):
         Z = mfld_step(Z, data, times, clip=clip, noise_std=noise_std, lr=lr, temperature=temperature,
-                      path_weight=path_weight, reg=reg, generator=g)
+                      path_weight=path_weight, reg=reg, generator=g, counts=counts)
         if on_step is not None:
             on_step(step, Z)
     return Z

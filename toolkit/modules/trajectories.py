@@ -56,6 +56,7 @@ class PrivateTrajectories(L.LightningModule):
         self.sigma, self.noise_std = step_noise(hp.epsilon, hp.delta, max(steps, 1), self.clip,
                                                 dm.adjacency, len(dm.observed), hp.accountant)
         self.data = {s: x.to(self.Z.device) for s, x in dm.snapshots.items()}
+        self.counts = {s: float(dm.hparams.people_per_time) for s in self.data}  # public sizes
         self.times = torch.tensor(dm.times, dtype=torch.float64)
         self.gen = generator(hp.seed, 1)
 
@@ -68,7 +69,7 @@ class PrivateTrajectories(L.LightningModule):
         opt = self.optimizers()
         self.Z.grad = mfld_gradient(self.Z.detach(), self.data, self.times, clip=self.clip,
                                     noise_std=self.noise_std, path_weight=hp.path_weight, reg=hp.reg,
-                                    generator=self.gen)
+                                    generator=self.gen, counts=self.counts)
         opt.step()
         opt.zero_grad()
         if hp.temperature > 0:
