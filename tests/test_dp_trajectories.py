@@ -95,3 +95,12 @@ def test_module_trains_counts_steps_and_reports(tmp_path):
     with pytest.raises(ValueError, match="delta"):
         t2 = trainer(max_steps=1, max_epochs=1, default_root_dir=str(tmp_path), enable_progress_bar=False)
         t2.fit(PrivateTrajectories(n_particles=4, delta=0.1), SDESnapshots(people_per_time=10, n_eval=10))
+
+
+@pytest.mark.slow
+def test_one_run_audit_catches_missing_noise_but_not_the_generator():
+    """Steinke et al.'s one-run audit with white-box canaries (scripts/mfld_audit.py): the real
+    generator's claimed eps = 1 stands, the same run without gradient noise is refuted."""
+    from scripts.mfld_audit import run
+    assert run(1.0, broken=False)["eps_lower_bound"] < 1.0
+    assert run(1.0, broken=True)["eps_lower_bound"] > 1.0
