@@ -4,6 +4,7 @@ Shared pieces: ``batch_transforms`` (callbacks that rewrite training batches) an
 (callbacks acting around ``optimizer.step()``). ``step_control`` gathers the callbacks that
 act on the optimizer step itself (RadiusControl, LRSpike)."""
 from .dp import DPSGD
+from .dp_barycenter import barycenter_cost, dp_barycenter
 from .kmixup import KMixup, Mixup, assignment, kmixup_batch, kmixup_partners, mixup_batch, pairwise_cost
 from .batch_transforms import BatchTransform
 from .langevin import IterateAveraging, LangevinNoise, add_langevin_noise_
@@ -12,5 +13,5 @@ from .step_control import LRSpike, QKClip, RadiusControl
 
 __all__: list[str] = ["BatchTransform", "DPSGD", "IterateAveraging", "KMixup", "LangevinNoise", "LRSpike", "Mixup", "QKClip",
                       "RadiusControl", "directional_logits", "logit_spread", "softmax_radius",
-                      "add_langevin_noise_", "assignment", "kmixup_batch", "kmixup_partners",
+                      "add_langevin_noise_", "assignment", "barycenter_cost", "dp_barycenter", "kmixup_batch", "kmixup_partners",
                       "mixup_batch", "pairwise_cost"]
