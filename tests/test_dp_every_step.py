@@ -418,3 +418,31 @@ class Adversarial(Plain):
 def test_per_example_adversarial_training_is_accepted_and_computed_alone():
     s, paths = sens(lambda: Adversarial(mlp()), X, Y)
     assert s <= C * (1 + 1e-4) and set(paths) == {"isolated"}
+
+
+def bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=16, dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
+
+
+def test_bart_is_refused_naming_its_embeddings_and_trains_with_them_frozen():
+    """BART's scaled word and learned position embeddings subclass nn.Embedding with their own
+    forward: a clear refusal with the fix, not a vmap error; frozen, the rest trains."""
+    with pytest.raises(PrivacyError, match="BartScaledWordEmbedding.*freeze it"):
+        release(HFLabels(bart()), None, None, dataset=Texts(length=5), collate_fn=fixed_length)
+
+    def frozen():
+        m = bart()
+        for mod in m.modules():
+            if isinstance(mod, nn.Embedding):
+                mod.requires_grad_(False)
+        return HFLabels(m)
+    a, paths = release(frozen(), None, None, dataset=Texts(length=5), collate_fn=fixed_length)
+    b, _ = release(frozen(), None, None, dataset=Texts(length=5, drop=3), collate_fn=fixed_length)
+    assert torch.isfinite(a).all() and len(paths) == 1
+    assert float((a - b).norm()) <= C * (1 + 1e-4)

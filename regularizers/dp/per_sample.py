@@ -161,7 +161,7 @@ class PerSampleGradients:
                 was, self.capturing = self.capturing, False  # a sampler's own forwards
                 try:
                     call.pieces = fn(module, call.acts, g)
-                except (NotImplementedError, RuntimeError) as e:
+                except (NotImplementedError, RuntimeError, ValueError) as e:
                     call.error = e
                     return
                 finally:

@@ -161,6 +161,11 @@ def refusal(module: nn.Module) -> str | None:
         return (f"{name}(sparse=True): the DP-SGD gradient carries noise on every row of the "
                 "table, so it is dense and a sparse optimizer (SparseAdam) cannot take it; set "
                 "sparse=False and use a dense optimizer (Adam, SGD)")
+    if isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward:
+        return (f"{name} is an nn.Embedding whose forward does more than a lookup (BART's "
+                "scaled word and learned position embeddings, say), which no exact per-example "
+                "rule here covers: freeze it (requires_grad_(False)) or use a model whose "
+                "embeddings are plain nn.Embedding")
     if isinstance(module, nn.EmbeddingBag):
         return (f"{name} pools a variable number of rows per example (offsets), which no "
                 "per-example rule here covers: use nn.Embedding and a masked mean or sum")
