@@ -147,3 +147,20 @@ def test_the_monitors_do_sync_on_their_logging_steps():
     assert {"toolkit/monitors/spectral/core.py"} <= files, syncs.sites()
     assert any(f.startswith(("toolkit/monitors/massive", "toolkit/monitors/stability"))
                for f in files), syncs.sites()
+
+
+def test_a_dp_sgd_step_the_tracker_separates_does_not_sync():
+    """DP-SGD's step guard (row tracker, canonical loss gradient), the clipped sum and the
+    noise stay on the device: between logging steps only the FiniteGuard's check syncs."""
+    L.seed_everything(0)
+    syncs = HostSyncs(only=PROJECT)
+    model = LanguageModel(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                          warmup_steps=2)
+    dp = regularizers.DPSGD(noise_multiplier=1.0, delta=1e-6, max_grad_norm=1.0)
+    cbs = [Window(syncs, {1, 2}, True), dp, Window(syncs, {1, 2}, False)]
+    t = trainer(max_steps=3, callbacks=cbs, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                enable_checkpointing=False)
+    t.fit(model, datamodule=TextDataModule(block_size=16, batch_size=8,
+                                           train_blocks="disjoint"))
+    assert syncs.by_file() == {"__bool__ @ toolkit/callbacks.py": 2}, syncs.sites()
