@@ -18,6 +18,7 @@ import torch
 
 from .errors import PrivacyError
 from .per_sample import PerSampleGradients
+from .sampling import map_tensors
 
 
 def _leaves(x):
@@ -38,15 +39,7 @@ def batch_rows(batch) -> int | None:
 
 def rows_of(batch, i: int):
     """Row ``i`` of a collated batch, as a batch of one."""
-    def cut(x):
-        if isinstance(x, torch.Tensor):
-            return x[i:i + 1] if x.dim() else x
-        if isinstance(x, (list, tuple)):
-            return type(x)(cut(v) for v in x)
-        if isinstance(x, dict):
-            return {k: cut(v) for k, v in x.items()}
-        return x
-    return cut(batch)
+    return map_tensors(batch, lambda t: t[i:i + 1] if t.dim() else t)
 
 
 def same_batch(a, b) -> bool:

@@ -107,19 +107,20 @@ class ShuffleBatchSampler:
         return self.steps
 
 
+def map_tensors(batch, fn: Callable):
+    """``batch`` with ``fn`` applied to every tensor in its lists, tuples and dicts."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    if isinstance(batch, dict):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    return batch
+
+
 def _empty_like_batch(dataset: Dataset, collate: Callable) -> object:
     """A zero-row batch with the structure of a real one (for empty Poisson draws)."""
-    one = collate([dataset[0]])
-
-    def cut(x):
-        if isinstance(x, torch.Tensor):
-            return x[:0]
-        if isinstance(x, (list, tuple)):
-            return type(x)(cut(v) for v in x)
-        if isinstance(x, dict):
-            return {k: cut(v) for k, v in x.items()}
-        return x
-    return cut(one)
+    return map_tensors(collate([dataset[0]]), lambda t: t[:0])
 
 
 class PoissonLoader:
