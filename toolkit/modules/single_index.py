@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data.single_index import check_degree, hermite
 from .base import TrainModule
+from .optim_config import OptimizerConfig
 
 
 class SingleIndex(TrainModule):
@@ -32,15 +33,14 @@ class SingleIndex(TrainModule):
     exact; other optimizers run, but their update is no longer the Riemannian gradient step.
     """
 
-    def __init__(self, dim: int = 32, k: int = 3, optimizer: str = "sgd", lr: float | None = 0.1,
-                 weight_decay: float = 0.0, optimizer_kwargs: dict[str, Any] | None = None,
-                 warmup_steps: int = 0, lr_decay: str = "constant", min_lr_ratio: float = 0.0):
-        super().__init__(optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, lr_decay,
-                         min_lr_ratio)
+    # plain SGD at a constant lr (the recipe sets lr 0.1); an unset lr is SGD's registered one
+    optim_defaults = OptimizerConfig(optimizer="sgd", lr_decay="constant")
+
+    def __init__(self, dim: int = 32, k: int = 3, **optim: Any):
+        super().__init__(**optim)  # optimizer, lr, ...: OptimizerConfig
         check_degree(k)
         if dim < 2:
             raise ValueError(f"dim={dim}: the sphere S^(dim-1) needs dim >= 2")
-        self.save_hyperparameters()
         w = torch.randn(dim)  # uniform on the sphere (the CLI's seed_everything fixes it)
         self.w = nn.Parameter(w / w.norm())
         self.register_buffer("theta_star", torch.zeros(dim))
