@@ -42,6 +42,15 @@ def check_cautious(cautious_wd) -> bool:
     return cautious_wd
 
 
+def _unhooked_step(base: type):
+    """``base.step`` without torch's hook wrapper: torch wraps the ``step`` of every optimizer
+    class it instantiates (``Optimizer._patch_step_function``), so once a plain ``base`` has
+    been built, ``super().step()`` from a subclass's (also wrapped) step would run every
+    step pre/post hook twice (Langevin noise added twice, a step counted twice)."""
+    step = base.step
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
+
+
 def cautious(base: type) -> type:
     """A subclass of torch optimizer ``base`` accepting ``cautious_wd`` (default False: the
     step is ``base``'s, bitwise). Registered in place of ``base`` for adamw, adam and sgd."""
@@ -60,13 +69,13 @@ def cautious(base: type) -> type:
         def step(self, closure=None):
             groups = [g for g in self.param_groups if g.get("cautious_wd") and g["weight_decay"]]
             if not groups:
-                return super().step(closure)
+                return _unhooked_step(base)(self, closure)
             decays = [g["weight_decay"] for g in groups]
             before = [[p.detach().clone() for p in g["params"]] for g in groups]
             for g in groups:
                 g["weight_decay"] = 0.0
             try:
-                loss = super().step(closure)
+                loss = _unhooked_step(base)(self, closure)
             finally:
                 for g, wd in zip(groups, decays):
                     g["weight_decay"] = wd

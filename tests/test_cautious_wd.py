@@ -80,3 +80,20 @@ def test_off_is_bitwise_the_torch_step_and_bad_values_fail():
 def test_every_model_optimizer_accepts_the_option():
     for name in optimizers.model_optimizers():
         assert optimizers.optimizer_defaults(name)["cautious_wd"] is False, name
+
+
+@pytest.mark.parametrize("name,base", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW),
+                                       ("adam", torch.optim.Adam)])
+def test_step_hooks_run_once_per_step_even_after_torchs_own_class_was_built(name, base):
+    """torch wraps the step of each optimizer class it instantiates; the registry's subclass
+    must not run the hooks twice once a plain torch optimizer exists (Langevin noise, step
+    controls and their counters hang on these hooks)."""
+    base([torch.zeros(2, requires_grad=True)], lr=0.1)  # wraps base.step
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = optimizers.OPTIMIZERS[name].optimizer_class([w], lr=0.1)
+    calls = []
+    opt.register_step_post_hook(lambda *a: calls.append(1))
+    opt.register_step_pre_hook(lambda *a: calls.append(0))
+    w.grad = torch.ones(3)
+    opt.step()
+    assert calls == [0, 1]
