@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import regularizers
 from optimizers import newton_schulz
 from toolkit import Classifier, ImageDataModule, LanguageModel, TextDataModule
+from tests.test_resume import StopAt
 from toolkit.cli import trainer
 
 TOTAL, GLOBAL_BATCH = 9, 8
@@ -28,13 +29,6 @@ KWARGS = {"muon": NS_FP32, "muonpp": NS_FP32, "hyperp": NS_FP32, "hybrid_auon": 
           "auon": {}, "adamw": {}}
 
 
-class StopAt(L.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            trainer.should_stop = True
 
 
 class Ranks(L.Callback):

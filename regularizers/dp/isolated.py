@@ -20,15 +20,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import mechanism
 from .pieces import wide
 from .rows import RowTracker
-
-
-def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """min(1, C/||g||), and 0 where the norm is not finite (same slack as the fast path)."""
-    slack = 1 + 64 * torch.finfo(norm.dtype).eps
-    c = (max_norm / (norm * slack + 1e-6)).clamp(max=1.0)
-    return torch.where(torch.isfinite(norm), c, torch.zeros_like(c))
 
 
 def example_gradient(loss_of: Callable, batch, params: list) -> list[torch.Tensor]:
@@ -63,12 +57,10 @@ def isolated_clipped_sum(loss_of: Callable, singles: Iterable, params: list,
         total = torch.sqrt(sum(sq)) if sq else torch.zeros(())
         norms.append(total)
         if clipping == "flat":
-            c = clip_factor(total, max_grad_norm)
-            cs = [c] * len(g)
-        else:
-            ok = torch.isfinite(total)
-            cs = [torch.where(ok, clip_factor(s.sqrt(), per_layer), torch.zeros_like(s))
-                  for s in sq]
+            cs = [mechanism.finite_clip_factors(total, max_grad_norm)] * len(g)
+        else:  # a non-finite example clips to 0 in every tensor, as in mechanism.clipped_sum
+            cs = [mechanism.finite_clip_factors(torch.where(torch.isfinite(total), s.sqrt(),
+                                                            total), per_layer) for s in sq]
         for s, x, ci in zip(sums, g, cs):
             s.add_(torch.where(ci > 0, x * ci, torch.zeros_like(x)))
     return sums, (torch.stack(norms) if norms else torch.zeros(0)), len(norms)

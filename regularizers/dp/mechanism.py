@@ -33,6 +33,13 @@ def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (max_norm / (norms * slack + 1e-6)).clamp(max=1.0)
 
 
+def finite_clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """:func:`clip_factors`, and 0 where a norm is not finite: such an example adds exactly 0,
+    a public rule with no stop or log that would tell anyone it happened (issue 23, item 1)."""
+    c = clip_factors(norms, max_norm)
+    return torch.where(torch.isfinite(norms), c, torch.zeros((), dtype=c.dtype, device=c.device))
+
+
 def clipped_sum(pieces: dict[nn.Parameter, Piece], params: list[nn.Parameter],
                 max_grad_norm: float, clipping: str = "flat"
                 ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
@@ -45,19 +52,17 @@ def clipped_sum(pieces: dict[nn.Parameter, Piece], params: list[nn.Parameter],
         return [torch.zeros_like(p) for p in params], torch.zeros(0), 0
     norm2 = {p: pieces[p].norm2() for p in present}
     total = torch.sqrt(sum(norm2.values()))
-    # an example whose gradient or norm is not finite adds exactly 0: a public rule, with
-    # no stop or log that would tell anyone it happened (issue 23, item 1)
+    # a non-finite example's stored rows are zeroed too: 0 * inf would be NaN in the sum
     finite = torch.isfinite(total)
     for p in present:
         pieces[p].keep_rows(finite)
-    zero = torch.zeros((), dtype=total.dtype, device=total.device)
     if clipping == "flat":
-        c = torch.where(finite, clip_factors(total, max_grad_norm), zero)
+        c = finite_clip_factors(total, max_grad_norm)
         sums = {p: pieces[p].weighted_sum(c) for p in present}
     else:
         per = max_grad_norm / math.sqrt(len(params))
-        sums = {p: pieces[p].weighted_sum(torch.where(finite, clip_factors(norm2[p].sqrt(), per),
-                                                      zero)) for p in present}
+        sums = {p: pieces[p].weighted_sum(finite_clip_factors(
+            torch.where(finite, norm2[p].sqrt(), total), per)) for p in present}
     return [sums[p] if p in sums else torch.zeros_like(p) for p in params], total, B
 
 

@@ -12,29 +12,21 @@ computed alone anyway, so the probe then has nothing to compare and passes.
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable
 
 import torch
 
 from .errors import PrivacyError
 from .per_sample import PerSampleGradients
+from .rows import tensors_in
 from .sampling import map_tensors
-
-
-def _leaves(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _leaves(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _leaves(v)
 
 
 def batch_rows(batch) -> int | None:
     """The number of examples in a batch: the first dimension of its first tensor."""
-    return next((t.shape[0] for t in _leaves(batch) if t.dim() > 0), None)
+    return next((t.shape[0] for t in tensors_in(batch) if t.dim() > 0), None)
 
 
 def rows_of(batch, i: int):
@@ -44,7 +36,7 @@ def rows_of(batch, i: int):
 
 def same_batch(a, b) -> bool:
     """Two batches with equal tensors (shapes, dtypes, values)."""
-    la, lb = list(_leaves(a)), list(_leaves(b))
+    la, lb = list(tensors_in(a)), list(tensors_in(b))
     return len(la) == len(lb) and all(
         x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y.to(x.device))
         for x, y in zip(la, lb))
@@ -57,7 +49,7 @@ def _seeded(fn, seed=0):
 
 
 def _shapes(batch) -> list:
-    return [tuple(t.shape) for t in _leaves(batch)]
+    return [tuple(t.shape) for t in tensors_in(batch)]
 
 
 def _per_example(pieces: dict, params: list, i: int, B: int) -> list[torch.Tensor]:
@@ -149,6 +141,20 @@ def probe(model: torch.nn.Module, engine: PerSampleGradients, loss_of: Callable,
                 b.copy_(saved[n])
 
 
+@contextlib.contextmanager
+def muted_logging(module):
+    """``self.log`` / ``self.log_dict`` do nothing inside the block (runs of the training step
+    that are not the step: the probe, the examples computed alone), then are as they were."""
+    saved = {k: vars(module)[k] for k in ("log", "log_dict") if k in vars(module)}
+    module.log = module.log_dict = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict
+        for k, v in saved.items():
+            setattr(module, k, v)
+
+
 def probe_module(module, engine: PerSampleGradients, dataset, collate: Callable, n: int,
                  to_device: Callable, step: Callable | None = None) -> None:
     """:func:`probe` on a LightningModule's ``training_step`` (or ``step``) with its first
@@ -162,11 +168,5 @@ def probe_module(module, engine: PerSampleGradients, dataset, collate: Callable,
         if not isinstance(loss, torch.Tensor):
             raise PrivacyError("training_step returned no loss on the probe batch")
         return loss
-    saved = {k: vars(module)[k] for k in ("log", "log_dict") if k in vars(module)}
-    module.log = module.log_dict = lambda *a, **k: None
-    try:
+    with muted_logging(module):
         probe(module, engine, loss_of, collate, items, to_device)
-    finally:
-        del module.log, module.log_dict
-        for k, v in saved.items():
-            setattr(module, k, v)

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .errors import PrivacyError
@@ -128,11 +127,9 @@ if hasattr(aten, "_fused_rms_norm"):
     _NORMS.add(aten._fused_rms_norm.default)
 
 
-def _tensors(x) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
-
-
-def _flat_tensors(*xs) -> list[torch.Tensor]:
+def tensors_in(*xs) -> list[torch.Tensor]:
+    """The tensors in ``xs`` and their lists, tuples and dicts, in order (a batch, or an
+    operator's arguments and outputs)."""
     out = []
     for x in xs:
         if isinstance(x, torch.Tensor):
@@ -142,9 +139,9 @@ def _flat_tensors(*xs) -> list[torch.Tensor]:
                 if isinstance(v, torch.Tensor):
                     out.append(v)
                 elif isinstance(v, (list, tuple, dict)):
-                    out.extend(_flat_tensors(v))
+                    out.extend(tensors_in(v))
         elif isinstance(x, dict):
-            out.extend(_flat_tensors(*x.values()))
+            out.extend(tensors_in(*x.values()))
     return out
 
 
@@ -211,7 +208,7 @@ class RowTracker(TorchDispatchMode):
 
     # ------------------------------------------------------------------ marking
     def mark(self, batch) -> None:
-        for t in _tensors(batch):
+        for t in tensors_in(batch):
             self.tags[t] = Rows(0, 1) if t.dim() > 0 and t.shape[0] == self.B else AGG
             self.born.add(_storage(t))
 
@@ -231,14 +228,14 @@ class RowTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # the hot path of every DP step: one dict lookup per tensor, storages only by pointer
         kwargs = kwargs or {}
-        ins = _flat_tensors(args, kwargs)
+        ins = tensors_in(args, kwargs)
         tags = self.tags
         tracked = [(t, g) for t in ins if (g := self.tag(t)) is not None]
         mutable, targets = _facts(func)
         if tracked and mutable:
             self._refuse_persistent_write(func, args, targets)  # before the write happens
         out = func(*args, **kwargs)
-        outs = _flat_tensors(out)
+        outs = tensors_in(out)
         old = {_storage(t) for t in ins}
         self.born.update(st for st in map(_storage, outs) if st not in old)
         if not tracked:
@@ -337,9 +334,9 @@ class RowTracker(TorchDispatchMode):
                 return self._couple(f"{func} cuts along the batch axis")
             if func == aten.select.int or func == aten.unbind.int:
                 ax = gx.axis - (d < gx.axis)
-                return [Rows(ax, gx.block)] * len(_tensors(out)) if func == aten.unbind.int \
+                return [Rows(ax, gx.block)] * len(tensors_in(out)) if func == aten.unbind.int \
                     else Rows(ax, gx.block)
-            return [gx] * len(_tensors(out)) if isinstance(out, (list, tuple)) else gx
+            return [gx] * len(tensors_in(out)) if isinstance(out, (list, tuple)) else gx
         if func in _SUM_MEAN or func in _DIM_REDUCE:
             return self._reduce(func, args, kwargs, x, gx, out)
         if func in _ALONG_DIM:
@@ -351,7 +348,7 @@ class RowTracker(TorchDispatchMode):
                 d = args[2] if len(args) > 2 else kwargs.get("dim", -1)
             if d % x.dim() == gx.axis:
                 return self._couple(f"{func} works along the batch axis")
-            return [gx] * len(_tensors(out)) if isinstance(out, (list, tuple)) else gx
+            return [gx] * len(tensors_in(out)) if isinstance(out, (list, tuple)) else gx
         if func in (aten.mm.default, aten.bmm.default, aten.addmm.default,
                     aten.baddbmm.default, aten.addbmm.default):
             return self._matmul(func, args)
@@ -389,22 +386,22 @@ class RowTracker(TorchDispatchMode):
             return gx if gx.axis not in dims else None
         if func in _LAST_DIMS:
             if gx.axis >= x.dim() - _LAST_DIMS[func] or any(
-                    self.tag(t) is not None for t in _tensors(args[1:])):
+                    self.tag(t) is not None for t in tensors_in(args[1:])):
                 return None
             if func == aten.im2col.default:
                 return gx if gx.axis == 0 and gx.block == 1 else None
-            return [gx if t.dim() == x.dim() else None for t in _tensors(out)]
+            return [gx if t.dim() == x.dim() else None for t in tensors_in(out)]
         if func == aten.unfold.default:
             return gx if args[1] % x.dim() != gx.axis else None
         if func in _NORMS:
             k = len(args[1])
-            return [gx] * len(_tensors(out)) if gx.axis < x.dim() - k and \
+            return [gx] * len(tensors_in(out)) if gx.axis < x.dim() - k and \
                 all(self.tag(t) is None for t in args[2:] if isinstance(t, torch.Tensor)) else None
         if func == aten.native_group_norm.default:
             return [gx] * 3 if gx.axis == 0 and all(
                 self.tag(t) is None for t in args[1:3] if isinstance(t, torch.Tensor)) else None
         if func in (aten._native_batch_norm_legit_no_training.default,):
-            return [gx] * len(_tensors(out)) if gx.axis == 0 and all(
+            return [gx] * len(tensors_in(out)) if gx.axis == 0 and all(
                 self.tag(t) is None for t in args[1:5] if isinstance(t, torch.Tensor)) else None
         if func == aten.convolution.default:
             return gx if gx.axis == 0 and self.tag(args[1]) is None and \
@@ -417,7 +414,7 @@ class RowTracker(TorchDispatchMode):
                 gm = self.tag(m) if isinstance(m, torch.Tensor) else None
                 if gm is None or gm == qkv[0]:
                     return [qkv[0] if t.dim() and t.shape[0] == args[0].shape[0] else None
-                            for t in _tensors(out)]
+                            for t in tensors_in(out)]
             return None
         if func == aten.nll_loss_forward.default:
             return self._nll(args, out)
@@ -426,7 +423,7 @@ class RowTracker(TorchDispatchMode):
         return None
 
     def _pointwise(self, out, tracked):
-        outs = _tensors(out)
+        outs = tensors_in(out)
         shape = outs[0].shape
         found = set()
         for t, g in tracked:
@@ -456,7 +453,7 @@ class RowTracker(TorchDispatchMode):
         dims = _dims(dim, x.dim())
         if gx.axis not in dims:
             ax = gx.axis if keep else gx.axis - sum(d < gx.axis for d in dims)
-            return [Rows(ax, gx.block)] * len(_tensors(out)) if isinstance(out, (list, tuple)) \
+            return [Rows(ax, gx.block)] * len(tensors_in(out)) if isinstance(out, (list, tuple)) \
                 else Rows(ax, gx.block)
         if func in _SUM_MEAN and len(dims) == x.dim():
             return Loss(Reduction(_SUM_MEAN[func], x, gx, self.B))

@@ -24,7 +24,8 @@ from torch.utils.data import default_collate
 
 from .errors import PrivacyError
 from .isolated import isolated_clipped_sum
-from .probe import batch_rows, rows_of, same_batch
+from .pieces import wide
+from .probe import batch_rows, muted_logging, rows_of, same_batch
 from .rows import RowTracker
 from .sampling import PoissonLoader
 
@@ -98,9 +99,8 @@ class StepGuard:
         params = self.dp.engine.params
         if B == 0:
             self.path = "empty"
-            self.clipped = ([torch.zeros_like(p, dtype=torch.float32) if p.dtype not in
-                             (torch.float32, torch.float64) else torch.zeros_like(p)
-                             for p in params], torch.zeros(0), 0)
+            self.clipped = ([torch.zeros_like(p, dtype=wide(p).dtype) for p in params],
+                            torch.zeros(0), 0)
             # a loss connected to every weight, so the backward (and DDP's reducer) runs
             return sum(p.reshape(-1)[:1].sum() * 0.0 for p in params)
         tracker = RowTracker(B)
@@ -164,12 +164,11 @@ class StepGuard:
         engine, dp = self.dp.engine, self.dp
         was = engine.capturing
         engine.capturing = False
-        muted = {k: vars(self.module)[k] for k in ("log", "log_dict") if k in vars(self.module)}
-        self.module.log = self.module.log_dict = lambda *a, **k: None
         try:
-            return isolated_clipped_sum(
-                lambda b: _loss(self.original(b, batch_idx, *args, **kwargs)), singles,
-                engine.params, dp.max_grad_norm, dp.clipping)
+            with muted_logging(self.module):
+                return isolated_clipped_sum(
+                    lambda b: _loss(self.original(b, batch_idx, *args, **kwargs)), singles,
+                    engine.params, dp.max_grad_norm, dp.clipping)
         except PrivacyError:
             raise
         except Exception as e:
@@ -179,7 +178,4 @@ class StepGuard:
                 f"a batch of one: {type(e).__name__}: {e}. Remove the coupling (use "
                 "GroupNorm/LayerNorm instead of batch statistics)") from e
         finally:
-            del self.module.log, self.module.log_dict
-            for k, v in muted.items():
-                setattr(self.module, k, v)
             engine.capturing = was
