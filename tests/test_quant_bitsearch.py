@@ -91,3 +91,19 @@ def test_bit_search_refuses_a_missing_checkpoint_and_an_infeasible_budget(tmp_pa
     ckpt = write_tiny_lm_checkpoint(tmp_path / "tiny.ckpt")
     with pytest.raises(ValueError, match="strictly between 2.0 and 8.0"):
         BitWidthSearch(checkpoint=str(ckpt), avg_bits=8.0)
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a hostile checkpoint does."""
+    def __reduce__(self):
+        return (print, ("a checkpoint ran code",))
+
+
+def test_bit_search_loads_checkpoints_without_running_their_code(tmp_path, capsys):
+    ckpt = write_tiny_lm_checkpoint(tmp_path / "tiny.ckpt")
+    state = torch.load(ckpt, weights_only=True)
+    state["hyper_parameters"]["payload"] = _RunsCode()
+    torch.save(state, tmp_path / "hostile.ckpt")
+    with pytest.raises(ValueError, match="would run code"):
+        BitWidthSearch(checkpoint=str(tmp_path / "hostile.ckpt"))
+    assert "ran code" not in capsys.readouterr().out

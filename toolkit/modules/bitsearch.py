@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -55,8 +56,18 @@ def resolve_checkpoint(path: str) -> Path:
 
 def load_gpt(path: Path) -> GPT:
     """The GPT of a ``LanguageModel`` checkpoint, rebuilt from its hyperparameters (plain
-    torch.load: Lightning's ``load_from_checkpoint`` fails inside the CLI's instantiation)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    torch.load: Lightning's ``load_from_checkpoint`` fails inside the CLI's instantiation).
+
+    Loaded with ``weights_only=True``: a checkpoint may come from elsewhere, and unpickling
+    arbitrary objects would run its code. Our checkpoints hold tensors and plain values only."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds objects beyond tensors and plain values, and loading them would run "
+            f"code from the file ({str(e).splitlines()[0]}); train the model with this toolkit "
+            f"(python -m toolkit fit --config recipes/quickstart.yaml), or re-save only its "
+            f"state_dict and hyper_parameters as plain values") from None
     hp = ckpt.get("hyper_parameters", {})
     if hp.get("vocab_size") is None:
         raise ValueError(f"{path} is not a toolkit LanguageModel checkpoint with a vocab_size")
