@@ -1,5 +1,5 @@
 """One short char-GPT training run on the embedded Tiny Shakespeare, for the sweep scripts
-(``scripts.powerlines_sweep``, ``scripts.layerwise_widths``): the toolkit's LanguageModel and
+(``scripts.papers.power_lines``, ``scripts.papers.layerwise_wd``): the toolkit's LanguageModel and
 TextDataModule under a bare Lightning Trainer (no logger, no checkpoints), validation once at
 the end on a fixed set of windows. Returns the final validation loss and the trained module.
 """

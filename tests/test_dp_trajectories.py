@@ -99,8 +99,8 @@ def test_module_trains_counts_steps_and_reports(tmp_path):
 
 @pytest.mark.slow
 def test_one_run_audit_catches_missing_noise_but_not_the_generator():
-    """Steinke et al.'s one-run audit with white-box canaries (scripts/mfld_audit.py): the real
+    """Steinke et al.'s one-run audit with white-box canaries (scripts/papers/mfld_trajectories/audit.py): the real
     generator's claimed eps = 1 stands, the same run without gradient noise is refuted."""
-    from scripts.mfld_audit import run
+    from scripts.papers.mfld_trajectories.audit import run
     assert run(1.0, broken=False)["eps_lower_bound"] < 1.0
     assert run(1.0, broken=True)["eps_lower_bound"] > 1.0

@@ -163,7 +163,7 @@ def planted_history():
 def test_fit_massive_reports_prediction_interval_and_flag(tmp_path, capsys):
     from toolkit.monitors import write_history
     path = write_history(planted_history(), tmp_path / "massive_activations.csv")
-    from scripts import fit_massive as mod
+    from scripts.papers.massive_activations import fit as mod
     result = mod.main([str(path)])
     out = capsys.readouterr().out
     good, bad = result["0"], result["1"]

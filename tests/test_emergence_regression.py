@@ -1,31 +1,22 @@
-"""Architecture -> emergence-law regression (scripts/emergence_regression.py) and the grid
-runner (scripts/emergence_grid.py): ridge and leave-one-configuration-out against
+"""Architecture -> emergence-law regression (scripts/papers/massive_activations/regression.py) and the grid
+runner (scripts/papers/massive_activations/grid.py): ridge and leave-one-configuration-out against
 independent least-squares computations, the fractional design, and the CLI overrides."""
 from __future__ import annotations
 
 import collections
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from scripts.papers.massive_activations import grid as grid_mod
+from scripts.papers.massive_activations import regression as reg
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load(name):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-reg = load("emergence_regression")
-grid_mod = load("emergence_grid")
 
 
 def ridge_by_augmentation(X, y, alpha):

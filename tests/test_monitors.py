@@ -136,7 +136,7 @@ def test_fit_massive_script_on_saved_history(tmp_path):
                              ratio=r, batch=0, token=0, dim=7, massive=0))
     from toolkit.monitors import write_history
     path = write_history(rows, tmp_path / "massive_activations.csv")
-    from scripts import fit_massive as mod
+    from scripts.papers.massive_activations import fit as mod
     result = mod.main([str(path)])
     assert set(result) == {"0", "1"} and all(f["r2"] > 0.99 for f in result.values())
     assert (tmp_path / "massive_ratio.png").stat().st_size > 0

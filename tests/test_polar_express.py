@@ -8,7 +8,7 @@ import optimizers
 from optimizers import Muon
 from optimizers.newton_schulz import (POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, coefficient_schedule,
                                       orthogonalize, orthogonalize_many)
-from scripts.ns_spectrum import deviation, spectrum_inputs
+from scripts.papers.muon_family.ns_spectrum import deviation, spectrum_inputs
 
 # Published 5-iteration table ("num_iters=5, safety_factor=2e-2, cushion=2"), copied from
 # karpathy/nanochat nanochat/optim.py ``polar_express_coeffs`` (same numbers in
@@ -58,7 +58,7 @@ def test_fp32_iteration_matches_a_float64_transcription(shape):
 
 @pytest.mark.parametrize("precision", ["bf16", "bf16-fp32gemm", "fp32"])
 def test_polar_express_is_no_worse_than_the_quintic(precision):
-    """GPT-2-small shapes scaled down 4x (scripts/ns_spectrum.py runs the full ones)."""
+    """GPT-2-small shapes scaled down 4x (scripts/papers/muon_family/ns_spectrum.py runs the full ones)."""
     for shape in [(192, 192), (192, 768), (768, 192)]:
         for kind, x in spectrum_inputs(shape).items():
             pe_worst, pe_median = deviation(x, "polar_express", precision)

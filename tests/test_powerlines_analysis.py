@@ -1,4 +1,4 @@
-"""The sweep's read-out of the best weight decay (scripts.powerlines_sweep.optimum/analyze)
+"""The sweep's read-out of the best weight decay (scripts.papers.power_lines.optimum/analyze)
 against curves whose optimum is known in closed form."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from scripts.powerlines_sweep import analyze, optimum
+from scripts.papers.power_lines import analyze, optimum
 
 GRID = [0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
 

@@ -13,7 +13,7 @@ from numpy.polynomial import hermite_e
 
 from regularizers import IterateAveraging, LangevinNoise
 from regularizers.langevin.core import add_sphere_noise_, retract, spherical_langevin_step
-from scripts.langevin_single_index import correlation_grad, langevin_chains
+from scripts.papers.langevin_swa.single_index import correlation_grad, langevin_chains
 from toolkit.data import SingleIndexDataModule
 from toolkit.data.single_index import hermite, hermite_grad, hidden_direction, single_index_samples
 from toolkit.modules import SingleIndex

@@ -312,8 +312,8 @@ def test_stability_probe_reads_umup_branch_contributions():
 
 
 def test_sweep_summary_counts_grid_steps():
-    """scripts.umup_sweep: best lr per width, its shift in x2 steps, the default-eta gap."""
-    from scripts.umup_sweep import summarize
+    """scripts.papers.umup: best lr per width, its shift in x2 steps, the default-eta gap."""
+    from scripts.papers.umup import summarize
     rows = [("umup", 64, 0.5, 2.0), ("umup", 64, 1.0, 2.02), ("umup", 128, 1.0, 1.9),
             ("umup", 128, 0.5, 1.95), ("sp", 64, 2 ** -7, 2.1), ("sp", 128, 2 ** -9, 2.0),
             ("sp", 128, 2 ** -7, 2.2)]

@@ -1,6 +1,6 @@
 """Tables and plots of per-layer emergence-law fits (:mod:`toolkit.monitors.emergence`,
 Gallego-Feliciano et al. 2025, Eq. 1) for the massive-activation monitor and
-``scripts/fit_massive.py``."""
+``scripts/papers/massive_activations/fit.py``."""
 from __future__ import annotations
 
 import math
