@@ -124,7 +124,8 @@ class BandMF:
                                "update per batch")
 
     def draw(self, n: int, std: float, generator, device, dtype) -> torch.Tensor:
-        """``noisy_mean_``'s noise: the next ``(C^-1 z)_t`` (rank 0 only)."""
+        """``noisy_mean_``'s noise: the next ``(C^-1 z)_t`` (rank 0 only), the noise state's
+        own row (``BandedNoise.draw_``): read, never written."""
         if self.noise is None or self.noise.numel != n:
             if self.noise is not None or (self._saved is not None and
                                           self._saved["history"].shape[1] != n):
@@ -137,7 +138,7 @@ class BandMF:
                 self.noise.load_state_dict(self._saved)
             self.noise.step = self.released
             self._saved = None
-        return self.noise(std, generator)
+        return self.noise.draw_(std, generator)
 
     def released_one(self) -> None:
         self.released += 1

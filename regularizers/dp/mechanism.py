@@ -75,21 +75,28 @@ def noisy_mean_(params: list[nn.Parameter], sums: list[torch.Tensor], noise_std:
     With torch.distributed initialized the sums of all ranks are added; only ranks with
     ``add_noise`` (rank 0) contribute noise, so it enters the global sum exactly once.
     ``noise(n, std, generator, device, dtype)``, when given, returns the flat noise
-    vector instead of the independent draw (correlated noise, :mod:`.correlated`); the
-    caller may write into it.
+    vector instead of the independent draw (correlated noise, :mod:`.correlated`); it is
+    only read (it may be the noise state itself), the sum goes into a new buffer.
     """
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
     device = sums[0].device if sums else None
     n = sum(s.numel() for s in sums)
-    if add_noise and noise_std > 0:  # fp32+ whatever the precision; one draw for all tensors
-        flat = noise(n, noise_std, generator, device, dtype) if noise is not None else \
-            torch.normal(0.0, noise_std, (n,), generator=generator, device=device, dtype=dtype)
-    else:
-        flat = torch.zeros(n, device=device, dtype=dtype)
     i = 0
-    for s in sums:
-        flat[i:i + s.numel()] += s.reshape(-1)
-        i += s.numel()
+    if add_noise and noise_std > 0 and noise is not None:  # read-only noise: add out of place
+        x = noise(n, noise_std, generator, device, dtype)
+        flat = torch.empty(n, device=device, dtype=dtype)
+        for s in sums:
+            torch.add(x[i:i + s.numel()], s.reshape(-1), out=flat[i:i + s.numel()])
+            i += s.numel()
+    else:
+        if add_noise and noise_std > 0:  # fp32+ whatever the precision; one draw for all
+            flat = torch.normal(0.0, noise_std, (n,), generator=generator, device=device,
+                                dtype=dtype)
+        else:
+            flat = torch.zeros(n, device=device, dtype=dtype)
+        for s in sums:
+            flat[i:i + s.numel()] += s.reshape(-1)
+            i += s.numel()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat /= expected_batch_size
