@@ -251,3 +251,26 @@ def test_a_second_fit_continues_the_partition_cycle():
     assert dp.bandmf.released == 8 and dp.bandmf.sampler.offset == 4
     assert dp.budget.steps == 3  # cycles start at releases 0, 3, 6
     assert dp.report["noise"] == "bandmf" and dp.report["bands"] == 3
+
+
+@pytest.mark.slow  # two gloo processes
+def test_two_process_ddp_equals_one_process(tmp_path):
+    """Under DDP the ranks split one cyclic-Poisson batch and rank 0 alone adds the BandMF
+    noise: the weights equal one process's with the same global batch and seed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = {}
+    for devices, batch in ((1, 8), (2, 4)):
+        path = tmp_path / f"w{devices}.pt"
+        subprocess.run([sys.executable, "-m", "tests.ddp_bandmf_script", "--devices",
+                        str(devices), "--batch", str(batch), "--out", str(path)],
+                       cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+        out[devices] = torch.load(path, weights_only=True)
+    for a, b in zip(out[1]["weights"], out[2]["weights"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert out[1]["ledger"] == out[2]["ledger"] and out[2]["released"] == 7
+    assert out[2]["noise_ranks"] == 1  # the noise state lives on rank 0 only
