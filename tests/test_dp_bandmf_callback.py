@@ -274,3 +274,17 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert out[1]["ledger"] == out[2]["ledger"] and out[2]["released"] == 7
     assert out[2]["noise_ranks"] == 1  # the noise state lives on rank 0 only
+
+
+def test_sliced_cpu_recursion_equals_the_whole_vector_recursion():
+    """draw_ works slice by slice on CPU; z (the generator's stream) and x are the same as
+    one draw of the whole vector followed by the recursion in float64."""
+    from regularizers.dp import bandmf
+    from toolkit.seeding import generator
+    n, T = 3 * bandmf.CHUNK + 123, 6
+    c = bandmf.strategy("bsr", 3)
+    noise = bandmf.BandedNoise(c, n, dtype=torch.float64)
+    X = torch.stack([noise(1.3, generator(4, t)) for t in range(T)])
+    Z = torch.stack([torch.normal(0.0, 1.3, (n,), generator=generator(4, t),
+                                  dtype=torch.float64) for t in range(T)])
+    torch.testing.assert_close(torch.from_numpy(toeplitz(c, T)) @ X, Z, rtol=0, atol=1e-12)
