@@ -288,3 +288,18 @@ def test_sliced_cpu_recursion_equals_the_whole_vector_recursion():
     Z = torch.stack([torch.normal(0.0, 1.3, (n,), generator=generator(4, t),
                                   dtype=torch.float64) for t in range(T)])
     torch.testing.assert_close(torch.from_numpy(toeplitz(c, T)) @ X, Z, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["bsr", "optimized"])
+def test_calibrated_run_spends_the_amplified_bandmf_epsilon(strategy):
+    """target_epsilon: sigma is calibrated on ceil(steps / b) participations at sigma / ||c||,
+    and the ledger's epsilon equals the pure cores' bandmf_epsilon (checked against
+    dp_accounting's PLD in test_dp_bandmf.py) for the run's sigma, q, steps and strategy."""
+    from regularizers.dp.cyclic_poisson import bandmf_epsilon
+    _, dp = run(Net(mlp()), X, Y, 10, 4, {"noise": "bandmf", "bands": 3, "strategy": strategy,
+                                         "target_epsilon": 4.0, "noise_multiplier": None})
+    r = dp.report
+    assert r["epsilon"] <= 4.0 and r["accounted_steps"] == 4  # cycles at 0, 3, 6, 9
+    assert r["epsilon"] == pytest.approx(bandmf_epsilon(
+        r["noise_multiplier"], r["sample_rate"], 10, r["coefs"], 1e-3, "rdp"), rel=1e-9)
+    assert r["sample_rate"] == 4 / (24 // 3) and r["epsilon"] > 3.5  # calibrated, not loose
