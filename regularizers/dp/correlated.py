@@ -92,6 +92,9 @@ class BandMF:
             raise PrivacyError(f"cannot account for the training data under noise='bandmf': "
                                f"{why}. Give a map-style dataset in a plain DataLoader")
         n, expected = len(loader.dataset), batch_size(loader) * world
+        if n < self.bands:
+            raise PrivacyError(f"{n} examples cannot fill bands={self.bands} partitions; use "
+                               f"bands <= {n}")
         try:
             q = partition_sample_rate(expected, n, self.bands)
         except ValueError as e:
