@@ -290,8 +290,8 @@ def test_sliced_cpu_recursion_equals_the_whole_vector_recursion():
     torch.testing.assert_close(torch.from_numpy(toeplitz(c, T)) @ X, Z, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("strategy", ["bsr", "optimized"])
-def test_calibrated_run_spends_the_amplified_bandmf_epsilon(strategy):
+@pytest.mark.parametrize("strategy", ["bsr", pytest.param("optimized", marks=pytest.mark.slow)])
+def test_calibrated_run_spends_the_amplified_bandmf_epsilon(strategy):  # Opacus' calibration: ~5 s
     """target_epsilon: sigma is calibrated on ceil(steps / b) participations at sigma / ||c||,
     and the ledger's epsilon equals the pure cores' bandmf_epsilon (checked against
     dp_accounting's PLD in test_dp_bandmf.py) for the run's sigma, q, steps and strategy."""
