@@ -182,7 +182,7 @@ def record(rows: list[dict], cfg: dict) -> None:
     v["tau_sweep"] = "; ".join(sweep)
     write("qk_clip_lm", v, "python -m scripts.qk_clip_stress recipes/qk_clip_lm.yaml --seeds 0 1 "
           "--arms stable high high+clip high+clip_post; python -m scripts.qk_clip_stress "
-          "recipes/qk_clip_lm.yaml --seeds 0 1 --arms high+clip --taus 50 100; then --record "
+          "recipes/qk_clip_lm.yaml --seeds 0 1 --arms high+clip --taus 15 50 100; then --record "
           "<both outputs>")
     plot([r for r in rows if r["tau"] == tau and r["seed"] == min(r["seed"] for r in rows)], tau)
 
