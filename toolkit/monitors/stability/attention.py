@@ -54,15 +54,15 @@ class HeadsQK:
 
     def max_per_head(self) -> torch.Tensor:
         """Largest attended logit of each head, (H,) float: the max of ``logits()`` over the
-        ``keep``-ed entries. Causal attention goes in two query blocks, the first skipping the
-        keys after its last query (3/4 of the q.k^T work; more blocks cost more in per-op
-        overhead than they save at the sizes measured); long sequences in blocks of at most
-        ``BLOCK`` logits. The mask is added as a 0 / -inf bias (a boolean masked_fill over the
+        ``keep``-ed entries. Causal attention over 128 or more positions goes in two query
+        blocks, the first skipping the keys after its last query (3/4 of the q.k^T work; more
+        blocks, or two below 128 positions, cost more in per-op overhead than they save at the
+        sizes measured on CPU); long sequences in blocks of at most ``BLOCK`` logits. The mask is added as a 0 / -inf bias (a boolean masked_fill over the
         logits costs several times the product on CPU) and the scale is applied after the max
         (it is > 0, so rounding is monotone and the value is the same)."""
         B, H, T, _ = self.q.shape
         S = self.k.shape[-2]
-        rows = min(-(-T // 2) if self.causal else T, max(BLOCK // (B * H * S), 1))
+        rows = min(-(-T // 2) if self.causal and T >= 128 else T, max(BLOCK // (B * H * S), 1))
         bias = None
         if self.keep is not None:
             bias = torch.zeros(self.keep.shape, dtype=self.q.dtype, device=self.q.device)
