@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import regularizers
-from regularizers.qk_clip import attention_modules, clip_, clip_forward_
+from regularizers.qk_clip import attention_modules, clip_, clip_forward_, watch_forward
 from tests.test_hf_attention_z import batch, build
 from toolkit import LanguageModel
 
@@ -51,7 +51,7 @@ class _Check(L.Callback):
         self.after.append(_gpt_max_logit(pl_module.model, batch[0]))
 
 
-def test_max_logit_stays_at_tau_after_every_step():
+def test_post_step_measure_keeps_max_logit_at_tau_after_every_step():
     L.seed_everything(0, verbose=False)
     model = LanguageModel(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32,
                           optimizer="muon", lr=0.1, weight_decay=0.0)
@@ -63,7 +63,7 @@ def test_max_logit_stays_at_tau_after_every_step():
     data = DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=8)
     before = _gpt_max_logit(model.model, x[:8, :-1])
     assert before > 5 * TAU
-    qk, check = regularizers.QKClip(tau=TAU, alpha=0.5), _Check()
+    qk, check = regularizers.QKClip(tau=TAU, alpha=0.5, measure="post_step"), _Check()
     trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu", callbacks=[qk, check], log_every_n_steps=1)
@@ -87,12 +87,87 @@ def test_forward_measure_clips_by_the_training_forwards_logits():
     before = _gpt_max_logit(model.model, x[:, :-1])
     assert before > 5 * TAU
     qk, check = regularizers.QKClip(tau=TAU, measure="forward"), _Check()
+    calls = []  # c_attn runs once per training step: the forward watch recomputes no projection
+    model.model.blocks[0].attn.c_attn.register_forward_hook(
+        lambda m, a, o: calls.append(1) if m.training else None)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu", callbacks=[qk, check])
     trainer.fit(model, DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=8))
     assert check.after[0] == pytest.approx(TAU, rel=1e-5)
+    assert qk.measure == "forward" and len(calls) == 1
     assert not qk._watch  # hooks removed after the batch
+
+
+def _watched(model, inputs) -> list[torch.Tensor]:
+    """Per layer, the (H,) max logit QK-clip's forward watch records in one training forward."""
+    mods, store = attention_modules(model), []
+    handles = watch_forward(mods, store)
+    was = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return store
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "bert"])
+def test_forward_watch_reads_hf_attentions_own_logits(name, monkeypatch):
+    """The max the forward watch takes from the projections HF already computed equals the max
+    of the q/k HF hands its eager attention in that same forward (rotary, GQA, masks by HF;
+    train mode, so dropout upstream changes nothing: both read the same forward)."""
+    model = build(name, "eager")
+    seen = []
+    mod = importlib.import_module(type(model).__module__)
+    original = mod.eager_attention_forward
+
+    def capture(module, query, key, value, attention_mask, scaling=None, **kw):
+        seen.append(_eager_max(query, key, attention_mask, scaling))
+        return original(module, query, key, value, attention_mask, scaling=scaling, **kw)
+
+    monkeypatch.setattr(mod, "eager_attention_forward", capture)
+    got = _watched(model, batch())
+    assert len(got) == len(seen) == 2
+    for g, ref in zip(got, seen):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_watch_on_toolkit_gpt_and_multihead_attention():
+    torch.manual_seed(0)
+    lm = LanguageModel(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    x = torch.randint(0, 65, (4, 16), generator=torch.Generator().manual_seed(0))
+    got = _watched(lm.model, x)
+    worst = _gpt_max_logit(lm.model, x)  # eval mode; the GPT has no dropout by default
+    assert max(float(m.max()) for m in got) == pytest.approx(worst, rel=1e-5)
+    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0,
+                                                                       batch_first=True), 1)
+    z = torch.randn(2, 5, 16)
+    mods, store = attention_modules(enc), []
+    handles = watch_forward(mods, store)  # no projection layer to hook: recomputed from inputs
+    enc.train()
+    enc(z)
+    for h in handles:
+        h.remove()
+    attn = enc.layers[0].self_attn
+    W = attn.in_proj_weight.detach()
+    q = (z @ W[:16].T + attn.in_proj_bias[:16]).view(2, 5, 4, 4).transpose(1, 2)
+    k = (z @ W[16:32].T + attn.in_proj_bias[16:32]).view(2, 5, 4, 4).transpose(1, 2)
+    ref = (q @ k.transpose(-1, -2) / 2.0).amax(dim=(0, 2, 3))
+    torch.testing.assert_close(store[0], ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def _eager_max(query, key, attention_mask, scaling) -> torch.Tensor:
+    k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    s = (query @ k.transpose(-1, -2)).float() * scaling
+    if attention_mask is not None:
+        keep = attention_mask if attention_mask.dtype == torch.bool else \
+            attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        s = s.masked_fill(~keep[..., : k.shape[-2]], -math.inf)
+    return s.amax(dim=(0, 2, 3)).detach()
 
 
 def _hf_max_logits(model, monkeypatch) -> list[torch.Tensor]:
@@ -101,13 +176,7 @@ def _hf_max_logits(model, monkeypatch) -> list[torch.Tensor]:
     original, seen = mod.eager_attention_forward, []
 
     def capture(module, query, key, value, attention_mask, scaling=None, **kw):
-        k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        s = (query @ k.transpose(-1, -2)).float() * scaling
-        if attention_mask is not None:
-            keep = attention_mask if attention_mask.dtype == torch.bool else \
-                attention_mask > torch.finfo(attention_mask.dtype).min / 2
-            s = s.masked_fill(~keep[..., : k.shape[-2]], -math.inf)
-        seen.append(s.amax(dim=(0, 2, 3)))
+        seen.append(_eager_max(query, key, attention_mask, scaling))
         return original(module, query, key, value, attention_mask, scaling=scaling, **kw)
 
     monkeypatch.setattr(mod, "eager_attention_forward", capture)
@@ -167,3 +236,25 @@ def test_refusals_name_the_problem():
     assert not public.reads_batch_into_update
     public.on_fit_start(trainer, lm)  # a public batch composes with DP-SGD
     assert len(public._modules) == 1
+
+
+@pytest.mark.parametrize("block", [1 << 24, 64])  # one/two query blocks; many small blocks
+@pytest.mark.parametrize("T,S,causal", [(9, 9, True), (4, 9, True), (9, 9, False)])
+def test_max_per_head_equals_the_masked_max_in_float64(block, T, S, causal, monkeypatch):
+    """HeadsQK.max_per_head (query blocks, keys after a causal block skipped, 0/-inf bias)
+    against the plain masked max of q.k^T * scale in float64; the largest logit of head 0 is
+    put on the diagonal, the one a block that skipped one key too many would miss."""
+    from toolkit.monitors.stability import attention as A
+    monkeypatch.setattr(A, "BLOCK", block)
+    g = torch.Generator().manual_seed(T + S)
+    q, k = torch.randn(3, 4, T, 8, generator=g), torch.randn(3, 4, S, 8, generator=g)
+    q[1, 0, T - 1] = k[1, 0, S - 1] = 3.0
+    keep = A._causal(T, S, "cpu") if causal else None
+    pad = torch.ones(3, 1, 1, S, dtype=torch.bool)
+    pad[2, ..., :2] = False
+    for mask in (keep, A._and(keep, pad)):
+        got = A.HeadsQK(q, k, 0.3, mask, causal).max_per_head()
+        ref = (q.double() @ k.double().transpose(-1, -2)) * 0.3
+        if mask is not None:
+            ref = ref.masked_fill(~mask, -math.inf)
+        torch.testing.assert_close(got.double(), ref.amax(dim=(0, 2, 3)), rtol=1e-6, atol=1e-6)

@@ -27,7 +27,7 @@ def test_paper_experiments_live_under_papers():
     """The top level holds the tools; a module named after a paper goes under scripts/papers/."""
     top = {m.name for m in pkgutil.iter_modules(scripts.__path__)}
     assert top == {"bench", "bench_cases", "compare", "compare_monitors", "compare_optimizers",
-                   "dp_audit", "gpu_check", "harness", "lm_run", "lr_sweep", "papers", "results",
+                   "dp_audit", "dp_audit_bandmf", "gpu_check", "harness", "lm_run", "lr_sweep", "papers", "results",
                    "sweep_io"}, "new tool or paper script? see scripts/README.md"
     assert (ROOT / "scripts" / "install.sh").is_file()  # .ci/run and the README call it
 

@@ -1,7 +1,7 @@
 """QK-clip (Kimi K2's MuonClip cap on attention logits, arXiv 2507.20534)."""
 from .callback import QKClip
-from .core import (attention_modules, clip_, clip_forward_, clip_measured_, max_logit_per_head,
-                   qk_layout, watch_forward)
+from .core import (attention_modules, clip_, clip_forward_, clip_measured_, qk_layout,
+                   watch_forward)
 
 __all__ = ["QKClip", "attention_modules", "clip_", "clip_forward_", "clip_measured_",
-           "max_logit_per_head", "qk_layout", "watch_forward"]
+           "qk_layout", "watch_forward"]

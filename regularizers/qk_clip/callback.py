@@ -18,23 +18,30 @@ MEASURES = ("post_step", "forward")
 class QKClip(StepHookCallback):
     """After each optimizer step, caps every attention head's largest pre-softmax logit at
     ``tau`` by rescaling its query rows by ``(tau / max)^alpha`` and key rows by
-    ``(tau / max)^(1 - alpha)`` (Kimi K2's QK-clip).
+    ``(tau / max)^(1 - alpha)`` (Kimi K2's QK-clip, arXiv 2507.20534, Sec. 2.1, Algorithm 1).
 
-    The max is measured on the step's training batch (or on ``public_inputs``) with the
-    post-step weights, layer by layer in one eval-mode forward (:func:`.core.clip_forward_`), so
-    after the step every head's max logit on that batch is <= tau. Cost: one no-grad forward per
-    step. Logs ``qk_clip/max_logit/layer{i}`` (before clipping) and ``qk_clip/clipped/layer{i}``
-    (heads clipped) on logging steps (``trainer.log_every_n_steps``) only, so other steps never
-    wait on the device. ``clipped_total`` (heads clipped over the run) is kept in checkpoints.
+    ``measure="post_step"`` (the default): after the step one no-grad eval-mode forward on the
+    step's batch (or ``public_inputs``) measures each layer's logits with the updated weights and
+    clips it before the next layer runs (:func:`.core.clip_forward_`), so after the step every
+    head's max logit on that batch is <= tau exactly, the guarantee the stress recipe checks by
+    separate code. Cost: that extra forward.
 
-    ``measure="forward"`` is Kimi K2's order instead: the max logits come from the step's own
-    training forward (pre-step weights; hooks recompute q.k there, no extra forward) and the
-    clip follows the update, so a head's post-step logit is tau times the update's growth of it,
-    not capped exactly; cheaper.
+    ``measure="forward"`` (opt in; Kimi K2's MuonClip order, no extra forward): the
+    per-head max logit is taken in the step's own training forward from the q/k its attention
+    projections already computed (:func:`.core.watch_forward`; adds q.k^T and a max per layer,
+    no extra forward), i.e. it is the logit *before* the update, and the heads above tau are
+    rescaled after the optimizer step. The logit *after* the step is then not capped exactly: it
+    is tau times whatever growth that one update gave the head (the stress recipe measures it by
+    separate code and reports how far above tau it goes: up to 33% at tau 30 there).
 
-    Privacy: by default it reads the training batch into the update, which DP-SGD's noise does not
-    cover, so it is refused beside a ``DPSGD`` callback; pass ``public_inputs`` (a batch of public
-    model inputs, e.g. token ids) to measure on that instead, which composes with DP-SGD.
+    Logs ``qk_clip/max_logit/layer{i}`` (the measured max, before clipping) and
+    ``qk_clip/clipped/layer{i}`` (heads clipped) on logging steps (``trainer.log_every_n_steps``)
+    only, so other steps never wait on the device. ``clipped_total`` (heads clipped over the
+    run) is kept in checkpoints.
+
+    Privacy: both measures read the private training batch into the update, which DP-SGD's
+    noise does not cover, so QKClip is refused beside a ``DPSGD`` callback unless it is given
+    ``public_inputs`` (a batch of public model inputs, e.g. token ids), measured post-step.
     """
 
     def __init__(self, tau: float = 100.0, alpha: float = 0.5, public_inputs: Any = None,

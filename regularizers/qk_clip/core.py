@@ -12,14 +12,24 @@ batch becomes ``tau``. With grouped-query attention a key head serves several qu
 scaled by the smallest ``gamma`` of its query heads (the one with the largest logit), so each query
 head's logits shrink by ``gamma_h^alpha * gamma_min^(1 - alpha) <= gamma_h``: all of them end <= tau.
 
-The logits are :func:`toolkit.monitors.stability.attention_logits`'s (the stability monitor's,
-one definition of "the logit"). :func:`clip_forward_` runs a forward in which each attention
-module, just before it runs, measures its logits on its actual input and clips itself: later
-layers then see the clipped earlier ones, so after that one forward every head's max logit on
-that batch is <= tau exactly (up to rounding). Layouts: the toolkit GPT's fused ``c_attn``,
-``nn.MultiheadAttention``, Hugging Face Llama/Mistral/Qwen2-style ``q_proj``/``k_proj`` (GQA),
-GPT-2's fused ``Conv1D`` ``c_attn`` (stored transposed: heads are columns) and BERT-style
-``query``/``key``. Per-head q/k norms (Qwen3, OLMo2) undo any rescaling of the projection, so those
+The logit is the stability monitor's (:mod:`toolkit.monitors.stability.attention`,
+:meth:`HeadsQK.max_per_head`: one definition of "the logit"). Two ways to measure it:
+
+- :func:`watch_forward` + :func:`clip_measured_` (the callback's default, Kimi K2's order,
+  Algorithm 1): the per-head max is taken in the step's own training forward, from the q/k
+  that the attention's projection layers already produced there (forward hooks; only q.k^T and
+  its max are added, no extra forward), i.e. with the weights *before* the update; the clip is
+  applied after the optimizer step. A head's logit after the step is then tau times the growth
+  the update gave it, so it can end somewhat above tau (the stress recipe reports by how much).
+- :func:`clip_forward_` (``measure="post_step"``): after the step, one extra no-grad forward in
+  which each attention module, just before it runs, measures its logits with the updated
+  weights on its actual input and clips itself; later layers see the clipped earlier ones, so
+  on that batch every head ends <= tau exactly (up to rounding). Costs that forward.
+
+Layouts: the toolkit GPT's fused ``c_attn``, ``nn.MultiheadAttention`` (no projection layer to
+hook: the forward watch recomputes its q/k from its inputs), Hugging Face Llama/Mistral/Qwen2-style
+``q_proj``/``k_proj`` (GQA), GPT-2's fused ``Conv1D`` ``c_attn`` (stored transposed: heads are
+columns) and BERT-style ``query``/``key``. Per-head q/k norms (Qwen3, OLMo2) undo any rescaling of the projection, so those
 models are refused, as is anything else :func:`qk_layout` cannot map.
 """
 from __future__ import annotations
@@ -31,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from toolkit.monitors.layers import call_model, find_blocks, find_branch
-from toolkit.monitors.stability.attention import attention_logits
+from toolkit.monitors.stability.attention import attention_qk, watch_attention
 from toolkit.monitors.stability.core import ATTN_MODULES
 
 
@@ -108,13 +118,6 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, QKLayout]]
     return out
 
 
-def max_logit_per_head(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Largest attended logit of each head, (H,), from (B, H, T, S) logits."""
-    if keep is not None:
-        logits = logits.masked_fill(~keep, float("-inf"))
-    return logits.amax(dim=(0, 2, 3))
-
-
 @torch.no_grad()
 def clip_(layout: QKLayout, max_logit: torch.Tensor, tau: float, alpha: float) -> torch.Tensor:
     """Rescale the heads of ``layout`` whose ``max_logit`` exceeds ``tau`` (module doc); returns
@@ -140,21 +143,27 @@ def clip_(layout: QKLayout, max_logit: torch.Tensor, tau: float, alpha: float) -
 
 
 def watch_forward(modules: list[tuple[str, nn.Module, QKLayout]], store: list) -> list:
-    """Forward pre-hooks recording each module's per-head max logit (running max over the
-    forwards they see) into ``store[i]`` during a training forward, for :func:`clip_measured_`
-    (Kimi K2's order: logits of the step's forward, clip after the update). Returns the handles."""
+    """Forward hooks recording each module's per-head max logit in the training forward (running
+    max over the forwards they see, e.g. micro-batches) into ``store[i]``, for
+    :func:`clip_measured_`: computed from the q/k the forward already projected, detached, with
+    the pre-update weights (Kimi K2's order). Returns the handles."""
     if len(store) != len(modules):  # kept across micro-batches until clip_measured_ reads it
         store[:] = [None] * len(modules)
 
-    def hook_for(i):
-        def hook(module, args, kwargs):
-            with torch.no_grad():
-                m = max_logit_per_head(*attention_logits(module, args, kwargs))
+    def record(i):
+        def fn(qk):
+            m = qk.max_per_head()
             store[i] = m if store[i] is None else torch.maximum(store[i], m)
-        return hook
+        return fn
 
-    return [mod.register_forward_pre_hook(hook_for(i), with_kwargs=True)
-            for i, (_, mod, _) in enumerate(modules)]
+    handles = []
+    for i, (name, mod, _) in enumerate(modules):
+        got = watch_attention(mod, record(i))
+        if got is None:
+            raise ValueError(f"QKClip: no attention-logit adapter for {name} "
+                             f"({type(mod).__name__}); see toolkit.monitors.stability.attention")
+        handles += got
+    return handles
 
 
 @torch.no_grad()
@@ -187,8 +196,7 @@ def clip_forward_(model: nn.Module, batch, modules: list[tuple[str, nn.Module, Q
 
     def hook_for(layout):
         def hook(module, args, kwargs):
-            logits, keep = attention_logits(module, args, kwargs)
-            m = max_logit_per_head(logits, keep)
+            m = attention_qk(module, args, kwargs).max_per_head()
             if distributed:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX)
             gamma = clip_(layout, m, tau, alpha)

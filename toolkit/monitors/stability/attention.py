@@ -1,11 +1,18 @@
-"""Attention logits recomputed from an attention module's inputs, for the stability monitor's
-attention Z (HyperP; Ren et al., "Rethinking Language Model Scaling under Transferable
-Hypersphere Optimization": Z = mean over attention rows of (log sum_j exp l_ij)^2).
+"""Attention logits of an attention module, for the stability monitor's attention Z (HyperP;
+Ren et al., "Rethinking Language Model Scaling under Transferable Hypersphere Optimization":
+Z = mean over attention rows of (log sum_j exp l_ij)^2) and QK-clip's per-head max logit
+(Kimi K2, arXiv 2507.20534, Sec. 2.1: ``S_max^h = max_ij q_i^h . k_j^h * scale``).
 
-``attention_logits(module, args, kwargs)`` returns the scaled logits ``l = q k^T * scale``
-(B, H, T, S) and a keep-mask (True = attended, broadcast to the logits) for:
+One definition of "the logit" for both: :func:`attention_qk` turns a module's query/key
+projections into heads-first ``q``, ``k`` (key heads repeated to the query heads), the logit
+``scale`` and a keep-mask (True = attended); :meth:`HeadsQK.logits` and
+:meth:`HeadsQK.max_per_head` read that. The projections are either recomputed from the module's
+inputs (:func:`attention_logits`, the monitor's pre-hook) or taken from the outputs the module's
+own projection layers produced in the forward that already ran (:func:`watch_attention`, no
+extra projection). Layouts:
 
-- the toolkit's ``CausalSelfAttention`` and ``nn.MultiheadAttention``;
+- the toolkit's ``CausalSelfAttention`` (fused ``c_attn``) and ``nn.MultiheadAttention``
+  (no projection sub-module: always recomputed);
 - Hugging Face Llama/Mistral/Qwen-style attention (``q_proj``/``k_proj``, rotary position
   embeddings passed as ``position_embeddings=(cos, sin)``, grouped-query attention: query
   head h reads key head ``h // (H / H_kv)``, optional per-head ``q_norm``/``k_norm`` as in
@@ -19,10 +26,57 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+BLOCK = 1 << 24  # at most this many logits at once in max_per_head (64 MiB in fp32)
+
+
+@dataclass
+class HeadsQK:
+    """Heads-first ``q`` (B, H, T, D) and ``k`` (B, H, S, D), logit ``scale`` and ``keep``
+    (broadcastable to (B, H, T, S), None = all attended). ``causal``: ``keep`` masks every key
+    after the query's position (the T queries are the last T of the S positions)."""
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    keep: torch.Tensor | None
+    causal: bool = False
+
+    def logits(self) -> torch.Tensor:
+        """Scaled logits ``q k^T * scale`` (B, H, T, S), float32 or wider."""
+        return (self.q @ self.k.transpose(-1, -2)).float() * self.scale
+
+    def max_per_head(self) -> torch.Tensor:
+        """Largest attended logit of each head, (H,) float: the max of ``logits()`` over the
+        ``keep``-ed entries. Causal attention over 128 or more positions goes in two query
+        blocks, the first skipping the keys after its last query (3/4 of the q.k^T work; more
+        blocks, or two below 128 positions, cost more in per-op overhead than they save at the
+        sizes measured on CPU); long sequences in blocks of at most ``BLOCK`` logits. The mask is added as a 0 / -inf bias (a boolean masked_fill over the
+        logits costs several times the product on CPU) and the scale is applied after the max
+        (it is > 0, so rounding is monotone and the value is the same)."""
+        B, H, T, _ = self.q.shape
+        S = self.k.shape[-2]
+        rows = min(-(-T // 2) if self.causal and T >= 128 else T, max(BLOCK // (B * H * S), 1))
+        bias = None
+        if self.keep is not None:
+            bias = torch.zeros(self.keep.shape, dtype=self.q.dtype, device=self.q.device)
+            bias.masked_fill_(~self.keep, float("-inf"))
+        out = None
+        for r0 in range(0, T, rows):
+            r1 = min(T, r0 + rows)
+            c1 = S - T + r1 if self.causal else S
+            s = self.q[:, :, r0:r1] @ self.k[:, :, :c1].transpose(-1, -2)
+            if bias is not None:
+                s.add_(bias[..., r0:r1, :c1] if bias.shape[-2] > 1 else bias[..., :c1])
+            m = s.amax(dim=(0, 2, 3))
+            out = m if out is None else torch.maximum(out, m)
+        return out.float() * self.scale
 
 
 def _heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -69,12 +123,51 @@ def _rotary(module: nn.Module):
     return apply
 
 
-def _llama_style(module: nn.Module, args: tuple, kwargs: dict):
-    x = args[0] if args else kwargs["hidden_states"]
-    B, T, _ = x.shape
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _toolkit(module, args, kwargs, raw):
+    if raw is None:
+        q, k, _ = module.qkv(args[0])
+    else:
+        C = raw["qk"].shape[-1] // 3
+        q, k = (_heads(t, module.n_head) for t in raw["qk"].split(C, dim=2)[:2])
+    T = q.shape[-2]
+    scale = getattr(module, "scaling", q.shape[-1] ** -0.5)  # muP / u-muP: mult / d_head
+    return HeadsQK(q, k, scale, _causal(T, T, q.device), causal=True)
+
+
+def _mha(module, args, kwargs, raw):
+    query = args[0] if args else kwargs["query"]
+    key = args[1] if len(args) > 1 else kwargs.get("key", query)
+    if not module.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    E, H = module.embed_dim, module.num_heads
+    w, b = module.in_proj_weight, module.in_proj_bias
+    q = _heads(F.linear(query, w[:E], None if b is None else b[:E]), H)
+    k = _heads(F.linear(key, w[E:2 * E], None if b is None else b[E:2 * E]), H)
+    keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
+    if kwargs.get("is_causal"):
+        keep = keep.tril()
+    causal = bool(kwargs.get("is_causal")) and q.shape[-2] == k.shape[-2]
+    mask = kwargs.get("attn_mask")
+    if mask is not None:  # torch convention: True / -inf = not allowed
+        keep = keep & (~mask if mask.dtype == torch.bool else torch.isfinite(mask))
+    pad = kwargs.get("key_padding_mask")
+    if pad is not None:
+        pad = ~pad if pad.dtype == torch.bool else torch.isfinite(pad)
+        keep = keep & pad[:, None, None, :]
+    return HeadsQK(q, k, 1 / math.sqrt(E // H), keep, causal)
+
+
+def _llama_style(module, args, kwargs, raw):
+    if raw is None:
+        x = _hidden(args, kwargs)
+        raw = {"q": module.q_proj(x), "k": module.k_proj(x)}
+    B, T, _ = raw["q"].shape
     hd = module.head_dim
-    q = module.q_proj(x).view(B, T, -1, hd)
-    k = module.k_proj(x).view(B, T, -1, hd)
+    q, k = raw["q"].view(B, T, -1, hd), raw["k"].view(B, T, -1, hd)
     if hasattr(module, "q_norm"):  # Qwen3 / OLMo2-style per-head norms before rotary
         q, k = module.q_norm(q), module.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -84,66 +177,99 @@ def _llama_style(module: nn.Module, args: tuple, kwargs: dict):
     if pos is not None:
         q, k = _rotary(module)(q, k, *pos)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
-    scale = getattr(module, "scaling", hd ** -0.5)
-    logits = (q @ k.transpose(-1, -2)).float() * scale
     keep = _hf_mask(kwargs.get("attention_mask"))
-    if getattr(module, "is_causal", True):
-        keep = _and(keep, _causal(T, T, x.device, getattr(module, "sliding_window", None)))
-    return logits, keep
+    causal = getattr(module, "is_causal", True)
+    if causal:
+        keep = _and(keep, _causal(T, T, q.device, getattr(module, "sliding_window", None)))
+    return HeadsQK(q, k, getattr(module, "scaling", hd ** -0.5), keep, causal)
+
+
+def _gpt2(module, args, kwargs, raw):
+    qkv = module.c_attn(_hidden(args, kwargs)) if raw is None else raw["qk"]
+    q, k, _ = qkv.split(module.split_size, dim=2)
+    q, k = _heads(q, module.num_heads), _heads(k, module.num_heads)
+    scale = getattr(module, "scaling", None)  # head_dim^-0.5, / (layer + 1) if so configured
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if getattr(module, "scale_attn_weights", True) else 1.0
+    T = q.shape[-2]
+    return HeadsQK(q, k, scale, _and(_causal(T, T, q.device),
+                                     _hf_mask(kwargs.get("attention_mask"))), causal=True)
+
+
+def _bert(module, args, kwargs, raw):
+    if raw is None:
+        x = _hidden(args, kwargs)
+        raw = {"q": module.query(x), "k": module.key(x)}
+    H = module.num_attention_heads
+    q, k = _heads(raw["q"], H), _heads(raw["k"], H)
+    keep = _hf_mask(args[1] if len(args) > 1 else kwargs.get("attention_mask"))
+    causal = getattr(module, "is_causal", False)
+    if causal:
+        T = q.shape[-2]
+        keep = _and(keep, _causal(T, T, q.device))
+    return HeadsQK(q, k, getattr(module, "scaling", q.shape[-1] ** -0.5), keep, causal)
+
+
+def _layout(module: nn.Module):
+    """(adapter, projection sub-modules by role) for ``module``; roles "qk" (a fused layer whose
+    output starts with the query then key features) or "q" and "k"; None if unknown."""
+    if callable(getattr(module, "qkv", None)) and isinstance(getattr(module, "c_attn", None),
+                                                              nn.Module):
+        return _toolkit, {"qk": module.c_attn}
+    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+        return _mha, {}
+    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj")) \
+            and hasattr(module, "head_dim"):
+        return _llama_style, {"q": module.q_proj, "k": module.k_proj}
+    if hasattr(module, "c_attn") and hasattr(module, "split_size"):  # Hugging Face GPT-2
+        return _gpt2, {"qk": module.c_attn}
+    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key")):
+        return _bert, {"q": module.query, "k": module.key}  # Hugging Face BERT-style
+    return None
+
+
+def attention_qk(module: nn.Module, args: tuple, kwargs: dict,
+                 raw: dict[str, torch.Tensor] | None = None) -> HeadsQK | None:
+    """The module's heads-first q/k, logit scale and keep-mask from its forward's ``args`` and
+    ``kwargs``; ``raw`` holds its projection layers' outputs when already computed (see
+    :func:`watch_attention`), else they are recomputed from ``args``. None for unknown layouts."""
+    found = _layout(module)
+    return None if found is None else found[0](module, args, kwargs, raw)
 
 
 def attention_logits(module: nn.Module, args: tuple, kwargs: dict
                      ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Scaled attention logits (B, H, T, S) and a keep-mask from an attention module's
     inputs, for the layouts listed in the module docstring; None for others."""
-    if callable(getattr(module, "qkv", None)):  # toolkit CausalSelfAttention
-        q, k, _ = module.qkv(args[0])
-        T = q.shape[-2]
-        scale = getattr(module, "scaling", q.shape[-1] ** -0.5)  # muP / u-muP: mult / d_head
-        return q @ k.transpose(-1, -2) * scale, _causal(T, T, q.device)
-    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
-        query = args[0] if args else kwargs["query"]
-        key = args[1] if len(args) > 1 else kwargs.get("key", query)
-        if not module.batch_first:
-            query, key = query.transpose(0, 1), key.transpose(0, 1)
-        E, H = module.embed_dim, module.num_heads
-        w, b = module.in_proj_weight, module.in_proj_bias
-        q = _heads(F.linear(query, w[:E], None if b is None else b[:E]), H)
-        k = _heads(F.linear(key, w[E:2 * E], None if b is None else b[E:2 * E]), H)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(E // H)
-        keep = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device)
-        if kwargs.get("is_causal"):
-            keep = keep.tril()
-        mask = kwargs.get("attn_mask")
-        if mask is not None:  # torch convention: True / -inf = not allowed
-            keep = keep & (~mask if mask.dtype == torch.bool else torch.isfinite(mask))
-        pad = kwargs.get("key_padding_mask")
-        if pad is not None:
-            pad = ~pad if pad.dtype == torch.bool else torch.isfinite(pad)
-            keep = keep & pad[:, None, None, :]
-        return logits, keep
-    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj")) \
-            and hasattr(module, "head_dim"):
-        return _llama_style(module, args, kwargs)
-    if hasattr(module, "c_attn") and hasattr(module, "split_size"):  # Hugging Face GPT-2
-        x = args[0] if args else kwargs["hidden_states"]
-        q, k, _ = module.c_attn(x).split(module.split_size, dim=2)
-        q, k = _heads(q, module.num_heads), _heads(k, module.num_heads)
-        scale = getattr(module, "scaling", None)  # head_dim^-0.5, / (layer + 1) if so configured
-        if scale is None:
-            scale = q.shape[-1] ** -0.5 if getattr(module, "scale_attn_weights", True) else 1.0
-        T = q.shape[-2]
-        keep = _and(_causal(T, T, x.device), _hf_mask(kwargs.get("attention_mask")))
-        return (q @ k.transpose(-1, -2)).float() * scale, keep
-    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key")):
-        x = args[0] if args else kwargs["hidden_states"]  # Hugging Face BERT-style
-        H = module.num_attention_heads
-        q, k = _heads(module.query(x), H), _heads(module.key(x), H)
-        logits = q @ k.transpose(-1, -2) * getattr(module, "scaling", q.shape[-1] ** -0.5)
-        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        keep = _hf_mask(mask)
-        if getattr(module, "is_causal", False):
-            T = logits.shape[-1]
-            keep = _and(keep, _causal(T, T, x.device))
-        return logits, keep
-    return None
+    qk = attention_qk(module, args, kwargs)
+    return None if qk is None else (qk.logits(), qk.keep)
+
+
+def watch_attention(module: nn.Module, fn: Callable[[HeadsQK], None]) -> list | None:
+    """Call ``fn(HeadsQK)`` (under no_grad, detached) after every training-mode forward of
+    ``module``, built from the outputs its own query/key projection layers produced in that
+    forward: no projection is recomputed. ``nn.MultiheadAttention`` (no projection layers) and
+    a forward that bypassed them fall back to recomputing them from the module's inputs.
+    Returns the hook handles (remove them to stop), or None for an unknown layout."""
+    found = _layout(module)
+    if found is None:
+        return None
+    adapter, projections = found
+    raw: dict[str, torch.Tensor] = {}
+
+    def keep_output(role):
+        def hook(_, __, out):
+            if module.training:
+                raw[role] = out.detach()
+        return hook
+
+    def done(mod, args, kwargs, out):
+        if not mod.training:
+            return
+        got = dict(raw) if projections and len(raw) == len(projections) else None
+        raw.clear()
+        with torch.no_grad():
+            fn(adapter(mod, args, kwargs, got))
+
+    handles = [p.register_forward_hook(keep_output(role)) for role, p in projections.items()]
+    return handles + [module.register_forward_hook(done, with_kwargs=True)]

@@ -1,6 +1,6 @@
 """BandMF vs DP-SGD on the DP MNIST recipe (recipes/dpsgd_mnist.yaml), equal steps.
 
-    OMP_NUM_THREADS=1 python -m scripts.bandmf_mnist --epsilons 1 3 8 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python -m scripts.papers.bandmf.mnist --epsilons 1 3 8 --seeds 0 1 2
 
 Issue 26's claim (Choquette-Choo et al. 2023, amplified BandMF): at epsilon 1, 3, 8 (delta
 1e-5) BandMF's test accuracy is at least DP-SGD's. Both arms are the recipe unchanged
