@@ -76,12 +76,14 @@ def floor(dm, draws: int = 5) -> float:
                           for i in range(draws) for s in dm.held_out]))
 
 
-def sweep(data: str, seeds: int, epsilons: list[float]) -> None:
+def sweep(data: str, seeds: int, epsilons: list[float], steps: int) -> None:
+    """The epsilon sweep at ``steps`` steps; a length other than the recipe's writes
+    mfld_sweep[_digits]_<steps>.json and no plot."""
     rows, shown, t0 = {}, {}, time.time()
     dms = {adj: dataset(data, adj) for adj in ("point", "trajectory")}
     for eps in epsilons:
         for adjacency in (("point",) if math.isinf(eps) else ("point", "trajectory")):
-            res = [run(dms[adjacency], eps, s, CFG["steps"]) for s in range(seeds)]
+            res = [run(dms[adjacency], eps, s, steps) for s in range(seeds)]
             key = f"{adjacency}@{eps:g}"
             rows[key] = {m: float(np.mean([r[m] for r in res])) for m in ("w2_observed", "w2_held_out")}
             rows[key].update({m + "_std": float(np.std([r[m] for r in res])) for m in ("w2_observed", "w2_held_out")})
@@ -89,14 +91,16 @@ def sweep(data: str, seeds: int, epsilons: list[float]) -> None:
             if adjacency == "point" and eps in (1.0, 4.0, math.inf):
                 shown[f"one point/person, eps={eps:g}"] = res[0]["Z"]
             print(key, rows[key], f"{time.time() - t0:.0f}s", flush=True)
-    dm = dms["point"]
-    if data == "sde":
+    dm, name = dms["point"], SWEEP[data]
+    if steps != CFG["steps"]:
+        name = name.replace(".json", f"_{steps}.json")
+    elif data == "sde":
         plot_paths(shown, dm.truth, ROOT / "docs" / "figures" / "mfld_private_trajectories.png")
     else:
         plot_marginals(shown, dm.truth, dm.times, dm.held_out, ROOT / "docs" / "figures" / "mfld_digits.png")
-    (RESULTS / SWEEP[data]).write_text(json.dumps(
-        {"command": f"python -m scripts.mfld_trajectories --data {data} --seeds {seeds}",
-         "config": {**CFG, "people_per_time": N_PEOPLE, "delta": DELTA, "times": dm.times.tolist(),
+    (RESULTS / name).write_text(json.dumps(
+        {"command": f"python -m scripts.mfld_trajectories --data {data} --seeds {seeds} --steps {steps}",
+         "config": {**CFG, "steps": steps, "people_per_time": N_PEOPLE, "delta": DELTA, "times": dm.times.tolist(),
                     "observed": dm.observed, "seeds": seeds},
          "w2_floor_held_out": floor(dm), "sweep_s": round(time.time() - t0), "runs": rows}, indent=2) + "\n")
 
@@ -165,6 +169,7 @@ def main() -> None:
     ap.add_argument("--data", choices=sorted(SWEEP), default="sde")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0, math.inf])
+    ap.add_argument("--steps", type=int, default=CFG["steps"], help="sweep length (noise calibrated to it)")
     ap.add_argument("--curve", action="store_true", help="convergence runs instead of the sweep")
     ap.add_argument("--long", type=int, default=1200, help="--curve: the longer run's steps")
     ap.add_argument("--record", type=Path, default=None,
@@ -179,7 +184,7 @@ def main() -> None:
         convergence(args.seeds, args.long, [math.inf, 4.0] if args.epsilons == ap.get_default("epsilons")
                     else args.epsilons)
     else:
-        sweep(args.data, args.seeds, args.epsilons)
+        sweep(args.data, args.seeds, args.epsilons, args.steps)
 
 
 if __name__ == "__main__":
