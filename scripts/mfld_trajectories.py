@@ -131,7 +131,7 @@ SUMMARY = {
     "digits": ("private trajectories of a digit-shaped point cloud (an MNIST 2 turned and slid by a known "
                "drift), one point per person, (4, 1e-6)-DP: held-out W2 {point_4:.3f} (non-private "
                "{point_inf:.3f}; 64 true samples score {floor:.3f})")}
-MEASURED = ("sweep, 3 seeds, 600 steps, 64 particles, 2000 people per observed time, delta 1e-6: mean W2 to "
+MEASURED = ("sweep, {seeds} seeds, 600 steps, 64 particles, 2000 people per observed time, delta 1e-6: mean W2 to "
             "the true marginals at the 4 held-out times, one point / whole trajectory per person: eps 1 "
             "{point_1:.3f} / {trajectory_1:.3f}, eps 2 {point_2:.3f} / {trajectory_2:.3f}, eps 4 {point_4:.3f} / "
             "{trajectory_4:.3f}, eps 8 {point_8:.3f} / {trajectory_8:.3f}, no noise {point_inf:.3f} (64 true "
@@ -143,7 +143,8 @@ def record(data: str, recipe_run: Path | None, wall_s: float | None) -> None:
     """docs/results/<recipe>.json from the sweep file and one recipe run folder."""
     from scripts.results import record as write
     sweep_file = json.loads((RESULTS / SWEEP[data]).read_text())
-    values = {"floor": round(sweep_file["w2_floor_held_out"], 4)}
+    seeds = sweep_file["config"]["seeds"]
+    values = {"floor": round(sweep_file["w2_floor_held_out"], 4), "seeds": seeds}
     for key, row in sweep_file["runs"].items():
         adj, eps = key.split("@")
         values[f"{adj}_{eps}"] = round(row["w2_held_out"], 4)
@@ -160,7 +161,7 @@ def record(data: str, recipe_run: Path | None, wall_s: float | None) -> None:
     recipe = RECIPE[data]
     (RESULTS / f"{recipe}.json").write_text(json.dumps(
         {"recipe": recipe, "summary": SUMMARY[data], "measured": MEASURED, "values": {}}, indent=2) + "\n")
-    write(recipe, values, command=f"python -m scripts.mfld_trajectories --data {data} --seeds 3 && python -m "
+    write(recipe, values, command=f"python -m scripts.mfld_trajectories --data {data} --seeds {seeds} && python -m "
                                   f"toolkit fit --config recipes/{recipe}.yaml")
 
 
