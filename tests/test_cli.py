@@ -1,4 +1,6 @@
 """The CLI: every recipe parses and runs, defaults are present, recipes listed, resume."""
+import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +24,13 @@ def recipe_mnist(tmp_path_factory) -> Path:
 
 
 def data_overrides(recipe: Path, mnist: Path) -> list[str]:
-    args = yaml.safe_load(recipe.read_text()).get("data", {}).get("init_args", {})
-    out = ["--data.root", str(mnist), "--data.val_size", "100"] if "root" in args else []
+    data = yaml.safe_load(recipe.read_text()).get("data", {})
+    args = data.get("init_args", {})
+    module, _, name = data.get("class_path", "").rpartition(".")
+    takes = inspect.signature(getattr(importlib.import_module(module), name)).parameters if module else {}
+    out = ["--data.root", str(mnist)] if "root" in args else []
+    if "root" in args and "val_size" in takes:
+        out += ["--data.val_size", "100"]
     if args.get("train_subset"):
         out += ["--data.train_subset", "500"]
     if args.get("batch_size", 0) > 500:

@@ -11,7 +11,8 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from regularizers.dp_trajectories import kernel_bound, privacy_report, step_noise
-from regularizers.dp_trajectories.core import BANDWIDTHS, clipped_sum, person_gradients, person_sensitivity
+from regularizers.dp_trajectories.core import (BANDWIDTHS, clipped_kernel_sum, clipped_sum, person_gradients,
+                                               person_sensitivity)
 
 
 def kernel(z, x):
@@ -28,6 +29,18 @@ def test_person_gradients_match_autograd():
         zz = z.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(kernel(zz, x[j:j + 1]).sum(), zz)
         torch.testing.assert_close(a[j], -grad)
+
+
+@pytest.mark.parametrize("clip_frac", [1.0, 0.2])
+def test_fused_clipped_sum_matches_the_per_person_loop(clip_frac):
+    """The step's fused sum (no (n, N, d) tensor) equals clipping each person's gradient in a
+    loop, with the clip idle (the recipe) and binding for most people."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(9, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    clip = clip_frac * kernel_bound(9)
+    loop = sum(a * min(1.0, clip / a.norm().item()) for a in person_gradients(x, z))
+    torch.testing.assert_close(clipped_kernel_sum(x, z, clip), loop)
 
 
 def test_per_person_bound_and_step_sensitivity_black_box():

@@ -74,6 +74,18 @@ def clipped_sum(a: torch.Tensor, clip: float) -> torch.Tensor:
     return (a * (clip / norms).clamp(max=1.0)[:, None, None]).sum(0)
 
 
+def clipped_kernel_sum(x: torch.Tensor, z: torch.Tensor, clip: float, hs=BANDWIDTHS) -> torch.Tensor:
+    """``clipped_sum(person_gradients(x, z), clip)`` without the (n, N, d) tensor: with
+    K_jp = sum_h exp(-|z_p - x_j|^2 / 2h^2), a_j[p] = (z_p - x_j) K_jp, so
+    ||a_j||^2 = sum_p |z_p - x_j|^2 K_jp^2 and, with w_j the clip factor,
+    sum_j w_j a_j[p] = z_p (K^T w)_p - ((K w)^T x)_p: two matrix products."""
+    d2 = torch.cdist(x, z).square()
+    K = sum(torch.exp(-d2 / (2 * h * h)) for h in hs)
+    w = (clip / (d2 * K.square()).sum(1).sqrt().clamp_min(1e-12)).clamp(max=1.0)
+    wK = K * w[:, None]
+    return z * wK.sum(0)[:, None] - wK.T @ x
+
+
 def smooth_gradient(Z: torch.Tensor, times: torch.Tensor, observed: list[int], path_weight: float,
                     reg: float, hs=BANDWIDTHS) -> torch.Tensor:
     """First-variation gradient (per particle) of the data-free part of L: the MMD
@@ -124,7 +136,7 @@ def mfld_gradient(Z: torch.Tensor, data: dict[int, torch.Tensor], times: torch.T
     """
     grad = smooth_gradient(Z, times, sorted(data), path_weight, reg)
     for s, x in data.items():
-        total = clipped_sum(person_gradients(x, Z[:, s]), clip)
+        total = clipped_kernel_sum(x, Z[:, s], clip)
         if noise_std > 0:
             total = total + noise_std * torch.randn(total.shape, generator=generator, dtype=Z.dtype)
         grad[:, s] += total / (counts[s] if counts is not None else len(x))

@@ -33,13 +33,17 @@ class SDESnapshots(L.LightningDataModule):
         self.adjacency = adjacency
         n, obs = people_per_time, self.observed
         if adjacency == "point":
-            paths = simulate(n * len(obs), self.times, seed)
+            paths = self.simulate(n * len(obs), self.times, seed)
             self.snapshots = {s: torch.tensor(paths[i * n:(i + 1) * n, s]) for i, s in enumerate(obs)}
         else:
-            paths = simulate(n, self.times, seed)
+            paths = self.simulate(n, self.times, seed)
             self.snapshots = {s: torch.tensor(paths[:, s]) for s in obs}
         self.people = n * (len(obs) if adjacency == "point" else 1)
-        self.truth = simulate(n_eval, self.times, seed + 10_000)
+        self.truth = self.simulate(n_eval, self.times, seed + 10_000)
+
+    def simulate(self, n: int, times: np.ndarray, seed: int) -> np.ndarray:
+        """n paths of the population at ``times``: (n, len(times), 2); subclasses swap the SDE."""
+        return simulate(n, times, seed)
 
     def train_dataloader(self):
         return DataLoader(torch.arange(1_000_000), batch_size=1)

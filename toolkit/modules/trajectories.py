@@ -2,7 +2,8 @@
 (particles x times x 2), trained by private mean-field Langevin dynamics (Gu, Chien &
 Greenewald, arXiv 2506.12203; the step is ``regularizers.dp_trajectories.core.mfld_step``).
 
-The data module (``toolkit.data.sde.SDESnapshots``) holds the snapshots; each training step is
+The data module (``toolkit.data.sde.SDESnapshots`` or the digit shapes of
+``toolkit.data.shapes.DigitSnapshots``) holds the snapshots; each training step is
 one full-batch MFLD step: clipped per-person data gradients of every observed snapshot plus
 Gaussian noise calibrated for ``epsilon`` over ``trainer.max_steps`` steps, the data-free
 self-interaction and Sinkhorn path energy, and Langevin noise at ``temperature``. Validation
