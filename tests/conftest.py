@@ -36,7 +36,8 @@ def _real_mnist() -> tuple[Path | None, str]:
             write_idx(FETCHED / f"{split}-labels-idx1-ubyte.gz", labels.astype("uint8"))
         return FETCHED, ""
     except Exception as e:  # offline: say exactly what to put where
-        return None, f"{type(e).__name__}: {str(e)[:200]}"
+        cause = e.__cause__ or e  # the hub's own error, not the loader's advice around it
+        return None, f"{type(cause).__name__}: {str(cause)[:200]}"
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def mnist_root(_real_mnist, request) -> Path:
     folder, why = _real_mnist
     if folder is None:  # the test fails (not a setup error) with this, before its body runs
         request.node.missing_data = (
-            f"this test trains on real MNIST, which is not on this machine and could not be "
+            f"this test needs real MNIST, which is not on this machine and could not be "
             f"fetched from the hub ({why}). Put the four files {', '.join(MNIST_FILES)} (from "
             f"any MNIST mirror) in {MNIST} (or in $TOOLKIT_DATA/mnist, or in {FETCHED}), then "
             f"rerun.")
