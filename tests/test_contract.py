@@ -23,7 +23,7 @@ import optimizers
 from tests.contract_plugins import (CALLBACKS, FRESH_ON_RESUME, NO_RECIPE, NOT_IN_CONTRACT,
                                     REFUSED, callback,
                                     contract_callbacks, contract_optimizers,
-                                    pairs, plugin_names)
+                                    pairs, plugin_names, undeclared_needs_arguments)
 from tests.test_resume import assert_bitwise, straight_and_resumed
 from toolkit import Classifier, ImageDataModule, LanguageModel, TextDataModule
 from toolkit.cli import trainer
@@ -51,6 +51,9 @@ def test_every_plugin_takes_part_or_says_why():
         - set(plugin_names())
     assert not stale, f"entries for plug-ins that no longer exist: {sorted(stale)}"
     assert not set(NOT_IN_CONTRACT) & set(contract_callbacks() + contract_optimizers())
+    # one that needs constructor arguments says how to build it
+    needs = [why for n in contract_callbacks() if (why := undeclared_needs_arguments(n))]
+    assert not needs, "\n".join(needs)
 
 
 def _mentions(text: str, name: str) -> bool:

@@ -262,6 +262,7 @@ class Growing(Plain):
         return DataLoader(self.data, batch_size=10 * (1 + self.current_epoch))
 
 
+@pytest.mark.slow  # six epochs, sigma recalibrated at every new rate
 def test_target_epsilon_holds_when_the_sample_rate_grows():
     x = torch.randn(200, 6)
     y = torch.randint(0, 3, (200,))

@@ -93,6 +93,7 @@ def test_stops_before_exceeding_target_epsilon(tiny_mnist):
     assert t.global_step == 0 and dp.report["epsilon"] == 0.0
 
 
+@pytest.mark.slow  # trains 20 steps after an accountant calibration
 def test_target_epsilon_calibrates_sigma_for_the_planned_steps(tiny_mnist):
     dp = DPSGD(target_epsilon=4.0, delta=1e-4, accountant="rdp", seed=0)
     t = trainer([dp], max_epochs=2)

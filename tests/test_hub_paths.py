@@ -30,7 +30,10 @@ def test_text_loads_a_hub_style_dataset(tmp_path):
 
 
 def test_unreachable_hub_names_the_alternative(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # offline as HF_HUB_OFFLINE=1 makes it (read once at import), so no retries with backoff
+    import datasets.config
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="data.path"):
         load_text(hub_name="someone/surely-not-cached-dataset-xyz")

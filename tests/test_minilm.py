@@ -41,6 +41,7 @@ def test_massive_activation_at_dim_99_of_the_first_token(minilm_path):
         assert divmod(flat, h.shape[-1]) == (0, 99)
 
 
+@pytest.mark.slow  # fine-tunes the pretrained MiniLM
 def test_finetune_with_kmixup_on_word_embeddings(minilm_path):
     torch.manual_seed(0)
     data = SpeakerDataModule(tokenizer=PACKAGE, num_speakers=4, max_length=24, batch_size=16)
