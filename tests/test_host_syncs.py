@@ -117,7 +117,7 @@ class Window(L.Callback):
             self.syncs.__exit__()
 
 
-def _fit_counting(steps: set[int], only=PROJECT) -> HostSyncs:
+def _fit_counting(steps: set[int], root, only=PROJECT) -> HostSyncs:
     L.seed_everything(0)
     syncs = HostSyncs(only=only)
     model = LanguageModel(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=16,
@@ -128,21 +128,21 @@ def _fit_counting(steps: set[int], only=PROJECT) -> HostSyncs:
            regularizers.LRSpike(start=1, length=2, factor=10.0), Window(syncs, steps, False)]
     t = trainer(max_steps=4, callbacks=cbs, logger=False, enable_progress_bar=False,
                 enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                enable_checkpointing=False)
+                enable_checkpointing=False, default_root_dir=root)  # the monitor's csv goes here
     t.fit(model, datamodule=TextDataModule(block_size=16, batch_size=8))
     return syncs
 
 
-def test_a_training_step_syncs_once_between_logging_steps():
+def test_a_training_step_syncs_once_between_logging_steps(tmp_path):
     # steps 1 and 2: no monitor measures; Muon, Langevin, LRSpike, the module and the data
     # add nothing; the FiniteGuard's one check per step is the only sync (docs/devices.md)
-    syncs = _fit_counting({1, 2})
+    syncs = _fit_counting({1, 2}, tmp_path)
     assert syncs.by_file() == {"__bool__ @ toolkit/callbacks.py": 2}, syncs.sites()
 
 
-def test_the_monitors_do_sync_on_their_logging_steps():
+def test_the_monitors_do_sync_on_their_logging_steps(tmp_path):
     # the same count on a logging step sees the monitors (so the check above can fail)
-    syncs = _fit_counting({3}, only=("toolkit/monitors/",))
+    syncs = _fit_counting({3}, tmp_path, only=("toolkit/monitors/",))
     files = {k.split(" @ ")[1] for k in syncs.by_file()}
     assert {"toolkit/monitors/spectral/core.py"} <= files, syncs.sites()
     assert any(f.startswith(("toolkit/monitors/massive", "toolkit/monitors/stability"))
