@@ -130,12 +130,9 @@ class UserLevel:
 
     def fast_sum(self, engine, loader, step: int, max_norm: float):
         """(sum over users of clip_C(mean gradient), users' norms, rows) from the hooks."""
-        pieces = engine.pieces()
-        params = engine.params
-        present = [p for p in params if p in pieces]
-        rows = pieces[present[0]].norm2().shape[0] if present else 0
+        rows = engine.batch_size or 0  # the step's batch rows (on_train_batch_start)
         owner = self._owners(loader, step, rows)
-        sums, norms = user_clipped_sum_pieces(pieces, params, owner, max_norm)
+        sums, norms = user_clipped_sum_pieces(engine.pieces(), engine.params, owner, max_norm)
         return sums, norms, rows
 
     def isolated_sum(self, loss_of: Callable, singles: list, params: list, loader, step: int,
