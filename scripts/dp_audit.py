@@ -23,7 +23,9 @@ iterate; with plain SGD the per-step release y_t = -(B / lr) <W_{t+1} - W_t, u_t
 is b_t a_t + N(0, sigma^2 C^2), b_t ~ Bernoulli(q) if in, 0 if out, and the score is its
 log-likelihood ratio  sum_t log(1 - q + q exp((2 a_t y_t - a_t^2) / (2 sigma^2 C^2))).
 ``--broken clip|noise`` monkeypatches ``regularizers.dp.mechanism`` (clip factors 1 / noise
-std 0): the audit must then refute the claimed epsilon.
+std 0): the audit must then refute the claimed epsilon. ``--noise bandmf`` audits
+``DPSGD(noise="bandmf")`` instead (``scripts/dp_audit_bandmf.py``: whitened attack, and
+``--broken correlation``, independent noise accounted as if correlated).
 """
 from __future__ import annotations
 
@@ -230,11 +232,13 @@ def breakage(kind: str):
 
 
 def table(rows: list[dict]) -> str:
-    mech = {"none": "DPSGD", "clip": "broken: clipping off", "noise": "broken: noise off"}
+    mech = {"none": "DPSGD", "clip": "broken: clipping off", "noise": "broken: noise off",
+            "correlation": "broken: noise not correlated"}
     out = ["| m | sigma | mechanism | claimed eps (PRV) | eps lower bound | ideal mechanism's "
            "| guesses r | correct | claim refuted |", "|" + " --- |" * 9]
     for r in rows:
-        out.append(f"| {r['m']} | {r['sigma']:g} | {mech[r['broken']]} | "
+        name = mech[r["broken"]] + (f" (bandmf b={r['bands']})" if "bands" in r else "")
+        out.append(f"| {r['m']} | {r['sigma']:g} | {name} | "
                    f"{r['claimed_epsilon']:.3f} | {r['eps_lower_bound']:.3f} | "
                    f"{r['ideal_eps_lower_bound']:.3f} | {r['best']['r']} | "
                    f"{r['best']['correct']} | "
@@ -245,7 +249,11 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
-    ap.add_argument("--broken", nargs="+", default=["none"], choices=["none", "clip", "noise"])
+    ap.add_argument("--broken", nargs="+", default=["none"],
+                    choices=["none", "clip", "noise", "correlation"])
+    ap.add_argument("--noise", default="gaussian", choices=["gaussian", "bandmf"])
+    ap.add_argument("--bands", type=int, default=16, help="with --noise bandmf")
+    ap.add_argument("--strategy", default="optimized", help="with --noise bandmf")
     ap.add_argument("--m", type=int, default=1000, help="number of canaries")
     ap.add_argument("--mix", type=float, default=0.0,
                     help="probability of mixup per batch inside the training step")
@@ -264,10 +272,19 @@ def main(argv=None) -> None:
     rows = []
     for sigma in a.sigmas:
         for kind in a.broken:
-            rows.append(run(sigma, a.m, a.steps, a.n_real, a.batch, a.lr, a.scale, a.clip,
-                            a.delta, a.seed, a.data, kind, a.level, a.mix))
-            print(json.dumps({k: rows[-1][k] for k in ("sigma", "broken", "mix", "claimed_epsilon",
-                                                      "eps_lower_bound", "train_s")}), flush=True)
+            if a.noise == "bandmf":
+                from scripts.dp_audit_bandmf import run as run_bandmf
+                rows.append(run_bandmf(sigma, a.m, a.steps, a.n_real, a.batch, a.lr, a.scale,
+                                       a.clip, a.delta, a.seed, a.data, kind, a.level, a.bands,
+                                       a.strategy))
+            elif kind == "correlation":
+                raise SystemExit("--broken correlation needs --noise bandmf")
+            else:
+                rows.append(run(sigma, a.m, a.steps, a.n_real, a.batch, a.lr, a.scale, a.clip,
+                                a.delta, a.seed, a.data, kind, a.level, a.mix))
+            print(json.dumps({k: rows[-1].get(k) for k in ("sigma", "broken", "mix",
+                                                          "claimed_epsilon", "eps_lower_bound",
+                                                          "train_s")}), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "audit.json").write_text(json.dumps(rows, indent=2))
     (a.out / "audit.md").write_text(table(rows) + "\n")

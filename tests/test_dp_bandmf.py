@@ -204,7 +204,11 @@ def test_cyclic_poisson_is_b_min_separated_poisson_on_fixed_partitions():
     parts = partitions(N, b, seed=1)
     allidx = torch.cat(parts)
     assert sorted(allidx.tolist()) == list(range(N))
-    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+    # i.i.d. uniform parts: sizes Binomial(N, 1/b), every other example's part unchanged
+    # when the last one is removed (add/remove leaves the rest of the split alone)
+    assert all(abs(len(p) - N / b) < 4 * math.sqrt(N / b) for p in parts)
+    fewer = partitions(N - 1, b, seed=1)
+    assert all(torch.equal(p[p < N - 1], r) for p, r in zip(parts, fewer))
     assert all(torch.equal(p, r) for p, r in zip(parts, partitions(N, b, seed=1)))
     last = {}
     counts = torch.zeros(N)

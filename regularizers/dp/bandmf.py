@@ -166,13 +166,17 @@ def minsep_sensitivity(coefs: Sequence[float], n: int, min_sep: int,
 class BandedNoise:
     """Online noise ``x_t = (C^-1 z)_t`` for a b-banded Toeplitz C, one flat vector per step:
 
-        x_t = (z_t - sum_{j=1}^{b-1} c_j x_{t-j}) / c_0,     z_t ~ N(0, std^2 I)
+        x_t = z_t / c_0 - sum_{j=1}^{b-1} (c_j / c_0) x_{t-j},     z_t ~ N(0, std^2 I)
 
-    The b - 1 previous x (a ring buffer of model-sized vectors, on ``device``, fp32 or
-    fp64) and the step count are the state; ``state_dict`` / ``load_state_dict`` resume
-    exactly when the caller's z generator is also reproducible (e.g. seeded per step).
-    ``z`` is drawn exactly as ``mechanism.noisy_mean_`` draws DP-SGD's noise, so
-    ``bands=1`` (c = [1]) returns the very same vector for the same generator.
+    State: ``b`` model-sized rows on ``device`` (fp32 or fp64), row ``s mod b`` holding
+    ``x_s`` for the last ``b - 1`` steps, plus the row step t writes; and the step count.
+    :meth:`draw_` writes ``x_t`` into its row in place and returns that row: one draw into
+    it (``z`` at std ``std / c_0``) and at most two ``addmv_`` over the other rows, no
+    allocation and no copy (the hot path of ``DPSGD(noise="bandmf")``). ``__call__``
+    returns a copy the caller owns. ``state_dict`` / ``load_state_dict`` resume exactly
+    when the caller's z generator is also reproducible (e.g. seeded per step). With
+    ``b = 1`` (c = [1]) ``z`` is drawn exactly as ``mechanism.noisy_mean_`` draws
+    DP-SGD's noise: the very same vector for the same generator.
     """
 
     def __init__(self, coefs: Sequence[float], numel: int,
@@ -185,41 +189,66 @@ class BandedNoise:
         self.coefs, self.numel, self.dtype = c, int(numel), dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.bands, self.step = len(c), 0
-        m = self.bands - 1
-        self.history = torch.zeros(m, self.numel, device=self.device, dtype=dtype)
-        # Slot s holds x_{t-1-((t-1-s) mod m)}; at step t the lag of slot s is
-        # ((t - 1 - s) mod m) + 1. One weight row per t mod m, built once on the device,
-        # so a step does no host-to-device copy.
-        lags = [[((r - 1 - s) % m) + 1 for s in range(m)] for r in range(m)] if m else []
-        self._weights = torch.tensor([[c[lag] for lag in row] for row in lags],
-                                     device=self.device, dtype=dtype).reshape(m, m)
+        b = self.bands
+        self.rows = torch.zeros(b if b > 1 else 0, self.numel, device=self.device, dtype=dtype)
+        # For the row k = t mod b being written, the other rows form at most two contiguous
+        # blocks (after k, before k); row j holds x_{t-lag} with lag = (k - j) mod b. Their
+        # weights -c_lag / c_0 are built once on the device: a step copies nothing to it.
+        self._blocks = []
+        for k in range(b if b > 1 else 0):
+            blocks = []
+            for lo, hi in ((k + 1, b), (0, k)):
+                if hi > lo:
+                    w = [-c[(k - j) % b] / c[0] for j in range(lo, hi)]
+                    blocks.append((lo, hi, torch.tensor(w, device=self.device, dtype=dtype)))
+            self._blocks.append(blocks)
 
-    def __call__(self, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The next noise vector (shape ``(numel,)``); advances the state."""
+    def _check(self, generator) -> None:
         if generator is not None and generator.device.type != self.device.type:
             raise ValueError(f"generator on {generator.device}, noise buffers on {self.device}: "
                              "create the generator on the parameters' device")
-        z = torch.normal(0.0, std, (self.numel,), generator=generator, device=self.device,
-                         dtype=self.dtype)
-        m, c0 = self.bands - 1, self.coefs[0]
-        if m:  # in place: BLAS gemv updates z without a temporary (1 / c_0 folded in)
-            z.addmv_(self.history.T, self._weights[self.step % m], beta=1 / c0, alpha=-1 / c0)
-            self.history[self.step % m].copy_(z)
-        elif c0 != 1.0:  # c = [1] leaves z untouched: bit-identical to DP-SGD's draw
-            z /= c0
+
+    def draw_(self, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The next noise vector (shape ``(numel,)``), advancing the state. For ``b > 1``
+        it is the state's own row: read it, never write it, and do not keep it past the
+        next ``b - 1`` draws (clone to keep)."""
+        self._check(generator)
+        c0 = self.coefs[0]
+        if self.bands == 1:  # c = [1] leaves z untouched: bit-identical to DP-SGD's draw
+            z = torch.normal(0.0, std, (self.numel,), generator=generator, device=self.device,
+                             dtype=self.dtype)
+            self.step += 1
+            return z / c0 if c0 != 1.0 else z
+        k = self.step % self.bands
+        x = self.rows[k]
+        torch.normal(0.0, std / c0, (self.numel,), generator=generator, out=x)
+        for lo, hi, w in self._blocks[k]:  # BLAS gemv: x += rows[lo:hi]^T w, in place
+            x.addmv_(self.rows[lo:hi].T, w)
         self.step += 1
-        return z
+        return x
+
+    def __call__(self, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The next noise vector as a tensor of the caller's own; advances the state."""
+        x = self.draw_(std, generator)
+        return x.clone() if self.bands > 1 else x
+
+    def history(self) -> torch.Tensor:
+        """``(b - 1, numel)``: x_{t-1}, ..., x_{t-b+1} (zeros before the first steps)."""
+        b = self.bands
+        idx = [(self.step - j) % b for j in range(1, b)]
+        return self.rows[idx].clone() if b > 1 else self.rows.new_zeros(0, self.numel)
 
     def state_dict(self) -> dict:
-        return {"coefs": list(self.coefs), "step": self.step, "history": self.history.clone()}
+        return {"coefs": list(self.coefs), "step": self.step, "history": self.history()}
 
     def load_state_dict(self, state: dict) -> None:
         if [float(x) for x in state["coefs"]] != self.coefs:
             raise ValueError("checkpoint's BandMF coefficients differ from this run's; resume "
                              "with the same bands, strategy and steps")
         h = state["history"]
-        if tuple(h.shape) != tuple(self.history.shape):
+        if tuple(h.shape) != (self.bands - 1, self.numel):
             raise ValueError(f"checkpoint's noise history has shape {tuple(h.shape)}, this "
-                             f"model needs {tuple(self.history.shape)}; resume the same model")
-        self.history.copy_(h.to(self.device, self.dtype))
+                             f"model needs {(self.bands - 1, self.numel)}; resume the same model")
         self.step = int(state["step"])
+        for j in range(1, self.bands):
+            self.rows[(self.step - j) % self.bands].copy_(h[j - 1].to(self.device, self.dtype))

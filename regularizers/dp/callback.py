@@ -21,6 +21,7 @@ from toolkit.lightning_internals import wrap_train_dataloader
 
 from . import accounting
 from .budget import Ledger
+from .correlated import BandMF, check_config
 from .errors import PrivacyError
 from .loader import private_loader
 from .mechanism import CLIPPING, privatize_
@@ -53,6 +54,16 @@ class DPSGD(L.Callback):
         hide_training_metrics: drop what the module logs from training hooks (the loss of
             a private batch is a release the epsilon does not cover).
         probe_examples: training examples the fit-start probe reads (:mod:`.probe`).
+        noise: ``gaussian`` (independent per step: DP-SGD) or ``bandmf``: step t adds
+            ``(C^-1 z)_t`` for a ``bands``-banded Toeplitz strategy C, correlated with the
+            last ``bands - 1`` steps' noise, and samples cyclically from ``bands`` fixed
+            partitions (Choquette-Choo et al. 2023; :mod:`.correlated`). Epsilon is then
+            the amplified BandMF bound: DP-SGD on one partition at ``sigma / ||c||``
+            (docs/dp_bandmf.md). A checkpoint of a BandMF run holds the last released
+            noise vectors (resume continues the recursion with fresh z): keep it private.
+        bands: b, the number of bands and of partitions (1 = DP-SGD's noise exactly).
+        strategy: ``bsr`` (banded square root, Kalinin & Lampert 2024) or ``optimized``
+            (McKenna 2025, optimized for the planned steps).
         seed: fixes sampling and noise of the first fit of a fresh ledger, for reproducible
             runs. Whoever knows it can recompute batches and noise, so the guarantee holds
             only while it is secret and used for one run. Every later fit under the same
@@ -82,7 +93,8 @@ class DPSGD(L.Callback):
                  delta: float = 1e-5, max_grad_norm: float = 1.0, accountant: str = "prv",
                  clipping: str = "flat", sampling: str = "poisson", loss_reduction: str = "mean",
                  hide_training_metrics: bool = False, probe_examples: int = 4,
-                 seed: int | None = None, privacy_unit: str = "example",
+                 seed: int | None = None, noise: str = "gaussian", bands: int = 1,
+                 strategy: str = "bsr", privacy_unit: str = "example",
                  user_key: Any = None, examples_per_user: int | None = None,
                  user_sampling: str = "uls"):
         if noise_multiplier is None and target_epsilon is None:
@@ -101,6 +113,7 @@ class DPSGD(L.Callback):
             raise ValueError(f"clipping={clipping!r}: choose one of {CLIPPING}")
         if sampling not in ("poisson", "shuffle"):
             raise ValueError(f"sampling={sampling!r}: choose 'poisson' or 'shuffle'")
+        check_config(noise, bands, strategy, sampling)
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r}: choose 'mean' or 'sum'")
         self.noise_multiplier, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, delta
@@ -117,6 +130,8 @@ class DPSGD(L.Callback):
                                    clipping, sampling) if privacy_unit == "user" else None
         self.budget = self.user_unit.ledger(delta, accountant, target_epsilon) \
             if self.user_unit else Ledger(delta, accountant, target_epsilon)
+        self.noise = noise
+        self.bandmf = BandMF(bands, strategy) if noise == "bandmf" else None
         self.sigma: float | None = None
         self.report: dict[str, Any] = {}
         self.last_step: dict[str, Any] = {}  # privatize_ statistics, never logged
@@ -135,6 +150,13 @@ class DPSGD(L.Callback):
     @property
     def sample_rate(self) -> float | None:
         return self.data.sample_rate if self.data else None
+
+    @property
+    def accounted_sigma(self) -> float | None:
+        """The noise multiplier the ledger composes: sigma / ||c|| under BandMF."""
+        if self.bandmf is None or self.sigma is None:
+            return self.sigma
+        return self.sigma / self.bandmf.column_norm
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -163,9 +185,15 @@ class DPSGD(L.Callback):
         return self._run_seed
 
     def _private_loader(self, trainer, loader):
-        self.data = private_loader(loader, self.sampling, trainer.world_size, trainer.global_rank,
-                                   self._fit_seed(), first_step=lambda: trainer.global_step,
-                                   users=self.user_unit)
+        if self.bandmf is not None:
+            self.data = self.bandmf.loader(loader, trainer.world_size, trainer.global_rank,
+                                           self._fit_seed(), first_step=lambda: trainer.global_step,
+                                           users=self.user_unit)
+        else:
+            self.data = private_loader(loader, self.sampling, trainer.world_size,
+                                       trainer.global_rank, self._fit_seed(),
+                                       first_step=lambda: trainer.global_step,
+                                       users=self.user_unit)
         self._check_delta()
         return self.data.loader
 
@@ -205,21 +233,27 @@ class DPSGD(L.Callback):
                                "DP-SGD ledger: those steps were not private, so no epsilon can be "
                                "claimed. Start from step 0 (load public pretrained weights as "
                                "the initialization instead of resuming)")
+        if self.bandmf is not None:
+            self.bandmf.plan(trainer.estimated_stepping_batches)
+            self.bandmf.start(trainer.global_step)
         self._calibrate(trainer)
         self._probe(trainer, pl_module)
         self._pass_counted = False  # a resumed shuffled epoch may revisit examples: new pass
         self._noise_seed = self._fit_seed() if self.seeded else fresh_seed()  # rank 0 adds it
-        if not self.budget.allows(self.sigma, self.sample_rate):
+        if not self.budget.allows(self.accounted_sigma, self.sample_rate):
             trainer.should_stop = True
             rank_zero_info(f"DP-SGD: no step fits in target_epsilon={self.target_epsilon} "
                            f"(spent {self.epsilon():.4f}); not training")
-        left = self.budget.remaining(self.sigma, self.sample_rate)
+        left = self.budget.remaining(self.accounted_sigma, self.sample_rate)
         rank_zero_info(f"DP-SGD: sigma={self.sigma:.4g} q={self.sample_rate:.5g} "
                        f"C={self.max_grad_norm} {self.accountant} delta={self.delta:g} "
                        f"({self.sampling}, {ADJACENCY[self.sampling]} adjacency"
                        f"{self._unit_note()}); budget "
                        f"{'unbounded' if left == math.inf else int(left)} "
-                       f"more {'steps' if self.sampling == 'poisson' else 'passes'}")
+                       f"more {'steps' if self.sampling == 'poisson' else 'passes'}"
+                       + (f"; noise=bandmf bands={self.bandmf.bands} "
+                          f"strategy={self.bandmf.strategy} ||c||={self.bandmf.column_norm:.4g}"
+                          " (budget in cycles of bands steps)" if self.bandmf else ""))
 
     def _unit_note(self) -> str:
         u = self.user_unit
@@ -241,7 +275,11 @@ class DPSGD(L.Callback):
                                "set trainer.max_steps or trainer.max_epochs")
         todo = planned if self.sampling == "poisson" else math.ceil(
             planned / max(1, trainer.num_training_batches))
+        if self.bandmf is not None:  # one ledger step per cycle, at sigma / ||c||
+            todo = math.ceil(planned / self.bandmf.bands)
         self.sigma = self.budget.calibrate_sigma(self.sample_rate, max(1, int(todo)))
+        if self.bandmf is not None:
+            self.sigma *= self.bandmf.column_norm
 
     def _probe(self, trainer, pl_module) -> None:
         loader = self.data.loader
@@ -257,6 +295,8 @@ class DPSGD(L.Callback):
 
     # ------------------------------------------------------------------ per step
     def _charges_now(self) -> bool:
+        if self.bandmf is not None:
+            return self.bandmf.charges_next()
         return self.sampling == "poisson" or not self._pass_counted
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -266,7 +306,7 @@ class DPSGD(L.Callback):
         check_step(trainer)
         self._check_delta()
         self._recheck_trainable(trainer, probe=True)
-        if self._charges_now() and not self.budget.allows(self.sigma, self.sample_rate):
+        if self._charges_now() and not self.budget.allows(self.accounted_sigma, self.sample_rate):
             raise PrivacyError(f"one more step would spend more than target_epsilon="
                                f"{self.target_epsilon}; training must stop here")
         self._privatized = 0
@@ -292,12 +332,18 @@ class DPSGD(L.Callback):
                                               self.max_grad_norm)
         gen = step_generator(self._noise_seed, trainer.global_step, stream=1,
                              device=self.engine.params[0].device if self.engine.params else None)
+        if self.bandmf is not None:
+            self.bandmf.check_aligned(trainer.global_step)
+        charges = self._charges_now()
         self.last_step = privatize_(self.engine, self.max_grad_norm, self.sigma,
                                     self.data.expected_batch_size, self.clipping, gen,
                                     add_noise=trainer.is_global_zero,
-                                    clipped=clipped)
-        if self._charges_now():
-            self.budget.add(self.sigma, self.sample_rate)
+                                    clipped=clipped,
+                                    noise=self.bandmf.draw if self.bandmf else None)
+        if self.bandmf is not None:
+            self.bandmf.released_one()
+        if charges:
+            self.budget.add(self.accounted_sigma, self.sample_rate)
             self._pass_counted = True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -319,7 +365,8 @@ class DPSGD(L.Callback):
         poisson = self.sampling == "poisson"
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
         if (poisson or last_of_epoch) and not trainer.should_stop \
-                and not self.budget.allows(self.sigma, self.sample_rate):
+                and (self.bandmf is None or self._charges_now()) \
+                and not self.budget.allows(self.accounted_sigma, self.sample_rate):
             trainer.should_stop = True
             rank_zero_info(f"DP-SGD: stopping after step {trainer.global_step}: the next "
                            f"{'step' if poisson else 'pass'} would spend more than "
@@ -366,7 +413,8 @@ class DPSGD(L.Callback):
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {**self.budget.state_dict(), "sigma": self.sigma, "sampling": self.sampling,
-                "delta": self.delta, "accountant": self.accountant,
+                "delta": self.delta, "accountant": self.accountant, "noise": self.noise,
+                **({"bandmf": self.bandmf.state_dict()} if self.bandmf else {}),
                 **(self.user_unit.state() if self.user_unit else {})}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -378,5 +426,10 @@ class DPSGD(L.Callback):
             raise PrivacyError("the training loader was built before the checkpoint's DP-SGD "
                                "ledger was restored, so this fit's noise could repeat an "
                                "earlier fit's; use strategy='ddp' or a single device")
+        if state_dict.get("noise", "gaussian") != self.noise:
+            raise PrivacyError(f"the checkpoint's run added noise={state_dict['noise']!r}; "
+                               f"resume with the same noise (not {self.noise!r})")
+        if self.bandmf is not None:
+            self.bandmf.load_state_dict(state_dict["bandmf"])
         self.budget.load_state_dict(state_dict)
         self.sigma = state_dict["sigma"]

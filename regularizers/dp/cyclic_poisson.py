@@ -30,16 +30,23 @@ SPLIT_STREAM, DRAW_STREAM = 11, 0
 
 
 def partitions(num_samples: int, bands: int, seed: int) -> list[torch.Tensor]:
-    """The b fixed partitions: a seeded permutation of range(num_samples) cut into b parts
-    whose sizes differ by at most one. Public by design: the analysis does not need the
-    split to be secret, only fixed before training."""
+    """The b fixed partitions: example i joins part ``a_i``, drawn independently and
+    uniformly from {0..b-1} by the generator (seed, SPLIT_STREAM) at position i.
+
+    Independent, not a cut of a permutation into equal parts: adding or removing one
+    example then leaves every other example's part (and its distribution) unchanged, so
+    the add/remove analysis of Thm. 4, which holds for every fixed split, holds for the
+    mixture over splits (joint convexity). A balanced cut would move other examples
+    between parts when N changes. The CPU generator is prefix-stable: dropping the last
+    example keeps every other ``a_i`` bit for bit. The sizes are Binomial(N, 1/b); the
+    sample rate and the normalization use the public ``N // b``."""
     if not isinstance(bands, int) or bands < 1:
         raise ValueError(f"bands={bands!r}: need an integer >= 1")
     if num_samples < bands:
         raise ValueError(f"{num_samples} examples cannot fill {bands} partitions; use "
                          f"bands <= {num_samples}")
-    perm = torch.randperm(num_samples, generator=generator(seed, SPLIT_STREAM))
-    return [p.sort().values for p in torch.tensor_split(perm, bands)]
+    a = torch.randint(0, bands, (num_samples,), generator=generator(seed, SPLIT_STREAM))
+    return [(a == k).nonzero().squeeze(1) for k in range(bands)]
 
 
 def cyclic_poisson_batch(parts: Sequence[torch.Tensor], step: int, sample_rate: float,
@@ -101,10 +108,13 @@ def calibrate_bandmf_sigma(target_epsilon: float, delta: float, sample_rate: flo
 
 
 class CyclicPoissonBatchSampler:
-    """``sampling.PoissonBatchSampler``'s protocol (``global_batch``, ``__iter__`` over
-    ``steps`` steps from ``first_step()``, rank r keeps every world-th index), drawing
-    step t from partition ``t mod bands``. ``split_seed`` fixes the (public) partitions;
-    ``seed`` the (secret) draws, fresh from the OS when None."""
+    """``sampling.PoissonBatchSampler``'s protocol (``global_batch``, ``indices``,
+    ``__iter__`` over ``steps`` steps from ``first_step()``, rank r keeps every world-th
+    index), drawing step t from partition ``(t + offset) mod bands``. ``split_seed`` fixes
+    the partitions for the whole run (kept in checkpoints: a new split on resume would
+    break the min-separation); ``seed`` the draws, fresh from the OS when None. ``offset``
+    maps the trainer's step to the mechanism's: a second ``fit`` restarts the trainer's
+    step at 0, the noise and the partition cycle do not."""
 
     def __init__(self, num_samples: int, sample_rate: float, steps: int, bands: int,
                  world: int = 1, rank: int = 0, seed: int | None = None, split_seed: int = 0,
@@ -113,7 +123,7 @@ class CyclicPoissonBatchSampler:
             raise ValueError(f"sample rate {sample_rate} must lie in (0, 1]")
         self.parts = partitions(num_samples, bands, split_seed)
         self.n, self.q, self.steps, self.bands = num_samples, sample_rate, steps, bands
-        self.world, self.rank = world, rank
+        self.world, self.rank, self.offset = world, rank, 0
         self.seed = fresh_seed() if seed is None else seed
         self.first_step = first_step or (lambda: 0)
 
@@ -121,12 +131,18 @@ class CyclicPoissonBatchSampler:
         pass
 
     def global_batch(self, step: int) -> torch.Tensor:
-        return cyclic_poisson_batch(self.parts, step, self.q, self.seed)
+        part = self.parts[(step + self.offset) % self.bands]
+        u = torch.rand(len(part), generator=generator(self.seed, DRAW_STREAM, step))
+        return part[u < self.q]
+
+    def indices(self, step: int) -> list[int]:
+        """This rank's examples at ``step``."""
+        return self.global_batch(step)[self.rank::self.world].tolist()
 
     def __iter__(self):
         t = self.first_step()
         for k in range(self.steps):
-            yield self.global_batch(t + k)[self.rank::self.world].tolist()
+            yield self.indices(t + k)
 
     def __len__(self) -> int:
         return self.steps

@@ -16,6 +16,7 @@ all-reduce of the flat vector yields the global noisy sum on every rank.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -68,23 +69,34 @@ def clipped_sum(pieces: dict[nn.Parameter, Piece], params: list[nn.Parameter],
 
 def noisy_mean_(params: list[nn.Parameter], sums: list[torch.Tensor], noise_std: float,
                 expected_batch_size: float, generator: torch.Generator | None = None,
-                add_noise: bool = True, group=None) -> None:
+                add_noise: bool = True, group=None, noise: Callable | None = None) -> None:
     """Write ``(sum + N(0, noise_std^2)) / expected_batch_size`` into each ``p.grad``.
 
     With torch.distributed initialized the sums of all ranks are added; only ranks with
     ``add_noise`` (rank 0) contribute noise, so it enters the global sum exactly once.
+    ``noise(n, std, generator, device, dtype)``, when given, returns the flat noise
+    vector instead of the independent draw (correlated noise, :mod:`.correlated`); it is
+    only read (it may be the noise state itself), the sum goes into a new buffer.
     """
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
     device = sums[0].device if sums else None
     n = sum(s.numel() for s in sums)
-    if add_noise and noise_std > 0:  # fp32+ whatever the precision; one draw for all tensors
-        flat = torch.normal(0.0, noise_std, (n,), generator=generator, device=device, dtype=dtype)
-    else:
-        flat = torch.zeros(n, device=device, dtype=dtype)
     i = 0
-    for s in sums:
-        flat[i:i + s.numel()] += s.reshape(-1)
-        i += s.numel()
+    if add_noise and noise_std > 0 and noise is not None:  # read-only noise: add out of place
+        x = noise(n, noise_std, generator, device, dtype)
+        flat = torch.empty(n, device=device, dtype=dtype)
+        for s in sums:
+            torch.add(x[i:i + s.numel()], s.reshape(-1), out=flat[i:i + s.numel()])
+            i += s.numel()
+    else:
+        if add_noise and noise_std > 0:  # fp32+ whatever the precision; one draw for all
+            flat = torch.normal(0.0, noise_std, (n,), generator=generator, device=device,
+                                dtype=dtype)
+        else:
+            flat = torch.zeros(n, device=device, dtype=dtype)
+        for s in sums:
+            flat[i:i + s.numel()] += s.reshape(-1)
+            i += s.numel()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat /= expected_batch_size
@@ -97,11 +109,12 @@ def noisy_mean_(params: list[nn.Parameter], sums: list[torch.Tensor], noise_std:
 def privatize_(engine: PerSampleGradients, max_grad_norm: float, noise_multiplier: float,
                expected_batch_size: float, clipping: str = "flat",
                generator: torch.Generator | None = None, add_noise: bool | None = None,
-               group=None, clipped: tuple | None = None) -> dict:
+               group=None, clipped: tuple | None = None, noise: Callable | None = None) -> dict:
     """Replace every ``.grad`` of ``engine.params`` by the DP-SGD gradient of the batch the
     engine captured, or of ``clipped`` = (sums, norms, B) computed elsewhere
     (:mod:`.isolated`). Returns the batch size and the per-example norms (private: never
-    log them). ``add_noise`` defaults to "this is rank 0"."""
+    log them). ``add_noise`` defaults to "this is rank 0"; ``noise`` as in
+    :func:`noisy_mean_`."""
     if max_grad_norm <= 0 or noise_multiplier < 0 or expected_batch_size <= 0:
         raise ValueError("need max_grad_norm > 0, noise_multiplier >= 0, expected_batch_size > 0")
     if add_noise is None:
@@ -109,7 +122,7 @@ def privatize_(engine: PerSampleGradients, max_grad_norm: float, noise_multiplie
     sums, norms, B = clipped if clipped is not None else \
         clipped_sum(engine.pieces(), engine.params, max_grad_norm, clipping)
     noisy_mean_(engine.params, sums, noise_multiplier * max_grad_norm, expected_batch_size,
-                generator, add_noise, group)
+                generator, add_noise, group, noise)
     engine.clear()
     # tensors, not floats: reading them would synchronize with the device every step
     return {"batch_size": B, "norms": norms.detach()}

@@ -45,7 +45,9 @@ def build_report(dp, steps: int) -> dict:
         "training_metrics_logged": not dp.hide_training_metrics,
         "fits": dp.budget.fits, "noise_from_seed": dp.seeded,
         "ledger": [list(s) for s in dp.ledger],
-        **({"epsilon_replace_one": replace_one_epsilon(dp)} if dp.sampling == "shuffle" else {})}
+        **({"epsilon_replace_one": replace_one_epsilon(dp)} if dp.sampling == "shuffle" else {}),
+        # BandMF: noise, bands, strategy, column norm, and its own analysis line
+        **(dp.bandmf.report(dp.sigma) if getattr(dp, "bandmf", None) else {"noise": "gaussian"})}
 
 
 def replace_one_epsilon(dp) -> float:
@@ -61,7 +63,9 @@ def publish(r: dict, log_dir: str | None) -> None:
                    f"epsilon={r['epsilon']:.4f} delta={r['delta']:g} N={r['num_samples']} "
                    f"sigma={r['noise_multiplier'] or float('nan'):.4g} q={q:.5g} "
                    f"steps={r['accounted_steps']} accountant={r['accountant']} "
-                   f"C={r['max_grad_norm']} {r['adjacency']} adjacency ({r['analysis']})")
+                   f"C={r['max_grad_norm']} {r['adjacency']} adjacency ({r['analysis']})"
+                   + (f" noise=bandmf bands={r['bands']} strategy={r['strategy']} "
+                      f"||c||={r['column_norm']:.4g}" if r.get("noise") == "bandmf" else ""))
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(log_dir) / "dp_report.json.tmp"

@@ -163,6 +163,8 @@ class UserLevel:
                "examples_per_user": self.k, "num_users": len(self.users),
                "num_examples": self.num_examples, "adjacency": "add/remove-one-user",
                "analysis": ANALYSIS[self.mode]}
+        if dp.report.get("noise") == "bandmf":  # the partitions and participations are users'
+            out["analysis"] += f"; noise: {dp.report['analysis']}, over the {self.unit_name}"
         if self.mode == "els":
             user_eps, ex_eps, ex_delta = dp.budget.details()
             out.update({"accountant": "rdp", "example_level_epsilon": ex_eps,
