@@ -10,11 +10,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from regularizers import DPSGD
-from regularizers.dp import PrivacyError
+from regularizers.dp import PrivacyError, epsilon
 from regularizers.dp.user_unit import check_resume
 
 from .test_dp_adversarial import C, flat, mlp
@@ -139,8 +140,12 @@ def test_the_released_sum_is_the_per_user_clipped_average_of_a_naive_loop(mix):
     assert len(norms) == 5 and (norms > 1.0).any() and (norms < 1.0).any()
 
 
-def independent_uls_epsilon(sigma, q, steps, delta):
-    acc = RdpAccountant()
+def independent_uls_epsilon(sigma, q, steps, delta, pld=False):
+    """dp_accounting's RDP (on Opacus's orders, so only the implementations differ) or PLD
+    epsilon of `steps` Poisson-subsampled Gaussian steps over the users."""
+    from opacus.accountants import RDPAccountant
+    acc = PLDAccountant(value_discretization_interval=1e-3) if pld else \
+        RdpAccountant(RDPAccountant.DEFAULT_ALPHAS)
     acc.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
     return acc.get_epsilon(delta)
@@ -173,8 +178,11 @@ def test_uls_is_accounted_over_users_as_an_independent_accountant_says():
     assert r["sample_rate"] == pytest.approx(8 / 40) and r["epsilon_level"] == "user-level"
     assert r["privacy_unit"] == "user" and r["adjacency"] == "add/remove-one-user"
     assert r["epsilon"] == pytest.approx(
-        independent_uls_epsilon(dp.sigma, 8 / 40, 12, 1e-3), rel=2e-2)
-    assert r["epsilon"] <= 3.0
+        independent_uls_epsilon(dp.sigma, 8 / 40, 12, 1e-3), rel=2e-3)
+    assert r["epsilon"] <= 3.0 and dp.ledger == [[dp.sigma, 8 / 40, 12]]
+    tight = independent_uls_epsilon(dp.sigma, 8 / 40, 12, 1e-3, pld=True)
+    prv = epsilon(dp.ledger, 1e-3, "prv")  # the default accountant: an upper bound, close
+    assert tight * (1 - 1e-3) <= prv <= tight * 1.02
     for rows in spy.rows:  # no user gives more than k rows a step
         assert max(rows.count(u) for u in set(rows)) <= 4
 
