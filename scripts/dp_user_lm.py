@@ -1,7 +1,7 @@
 """User-level DP on Tiny Shakespeare speakers: ULS against ELS at equal compute.
 
-    python -m scripts.dp_user_lm                          # the 4 runs, then record + plot
-    python -m scripts.dp_user_lm --runs uls:8:0.01 els:8  # some runs (mode:epsilon[:lr])
+    python -m scripts.dp_user_lm                          # all 15 runs, then record + plot
+    python -m scripts.dp_user_lm --runs uls:8:0.01 els:8::2  # mode:epsilon[:lr[:k]]
     python -m scripts.dp_user_lm --record                 # record + plot what --out holds
 
 Charles et al. 2024 (arXiv 2407.07737) compare user-level sampling (ULS: sample users, clip
@@ -30,25 +30,34 @@ from .dp_tradeoff import build
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "dp_user_lm.yaml"
 FIGURE = ROOT / "docs" / "figures" / "dp_user_lm.png"
+# what docs/results/dp_user_lm.json holds: both methods at eps 3 and 8 (the recipe's lr), the
+# lr on both sides at eps 8 (and the default 0.003 at eps 3), k = 2 (a quarter of the
+# compute), and the non-private run at the same compute
+RUNS = ["uls:3", "els:3", "uls:8", "els:8"] + [f"{m}:{e}:{lr}" for m in ("uls", "els")
+                                               for e, lr in ((8, 0.001), (8, 0.003), (8, 0.03),
+                                                             (3, 0.003))] \
+    + ["uls:8::2", "els:8::2", "none:0:0.003"]
 
 
-def run(mode: str, eps: float, recipe: dict, seed: int, lr: float | None = None) -> dict:
+def run(mode: str, eps: float, recipe: dict, seed: int, lr: float | None = None,
+        k: int | None = None) -> dict:
     """One run: ``mode`` in uls / els / none (non-private at ULS's expected batch)."""
     import lightning as L
     import torch
 
     L.seed_everything(seed, verbose=False)
     tr, dp_node = recipe["trainer"], recipe["trainer"]["callbacks"][0]
-    k = dp_node["init_args"]["examples_per_user"]
+    k = k or dp_node["init_args"]["examples_per_user"]
     data = build(recipe["data"])
     owners = data.train_set.owner
     users = len(owners.unique())
     q = data.hparams.batch_size / users
     per_step = q * float(torch.bincount(owners).clamp(max=k).sum())  # expected examples
     if mode == "uls":
-        callbacks = [build(dp_node, target_epsilon=eps)]
+        callbacks = [build(dp_node, target_epsilon=eps, examples_per_user=k)]
     elif mode == "els":
-        callbacks = [build(dp_node, target_epsilon=eps, user_sampling="els", accountant="rdp")]
+        callbacks = [build(dp_node, target_epsilon=eps, examples_per_user=k, user_sampling="els",
+                           accountant="rdp")]
         data = build(recipe["data"], batch_size=round(per_step))
     else:
         callbacks = []
@@ -73,21 +82,30 @@ def run(mode: str, eps: float, recipe: dict, seed: int, lr: float | None = None)
     return row
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def main_k(rows: list[dict]) -> int:
+    """The recipe's k: the one most runs used."""
+    ks = [r["k"] for r in rows]
+    return max(set(ks), key=ks.count)
+
+
+def plot(rows: list[dict], path: Path, k: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode, style in (("uls", "o-"), ("els", "s--")):
-        pts = sorted((r["target_epsilon"], r["val_loss"]) for r in rows if r["mode"] == mode)
-        if pts:
-            ax.plot(*zip(*pts), style, label=mode.upper())
+    for kk in sorted({r["k"] for r in rows}, key=lambda v: v != k):
+        for mode, style, color in (("uls", "o-", "C0"), ("els", "s--", "C1")):
+            pts = sorted((r["target_epsilon"], r["val_loss"]) for r in rows
+                         if r["mode"] == mode and r["k"] == kk)
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, alpha=1.0 if kk == k else 0.45,
+                        label=f"{mode.upper()}, k = {kk}")
     for r in rows:
-        if r["mode"] == "none":
+        if r["mode"] == "none" and r["k"] == k:
             ax.axhline(r["val_loss"], color="gray", ls=":", label="non-private, same compute")
     ax.set_xlabel("user-level epsilon (delta 1e-5, N = users)")
     ax.set_ylabel("validation loss (nats/char)")
-    ax.set_title(f"Tiny Shakespeare speakers as users, k = {rows[0]['k']}", fontsize=10)
+    ax.set_title("Tiny Shakespeare speakers as users, equal compute per k", fontsize=10)
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,10 +113,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def best(rows: list[dict]) -> list[dict]:
-    """Per (mode, epsilon), the learning rate's run with the lowest validation loss."""
+    """Per (mode, epsilon, k), the learning rate's run with the lowest validation loss."""
     out: dict = {}
     for r in rows:
-        key = (r["mode"], r["target_epsilon"])
+        key = (r["mode"], r["target_epsilon"], r["k"])
         if key not in out or r["val_loss"] < out[key]["val_loss"]:
             out[key] = r
     return list(out.values())
@@ -106,12 +124,19 @@ def best(rows: list[dict]) -> list[dict]:
 
 def record(rows: list[dict], command: str) -> None:
     from .results import record as write
-    values = {"steps": rows[0]["steps"], "k": rows[0]["k"], "users": rows[0]["users"],
-              "examples_per_step": round(rows[0]["examples_per_step"], 1)}
+    k = main_k(rows)
+    first = next(r for r in rows if r["k"] == k)
+    values = {"steps": first["steps"], "k": k, "users": first["users"],
+              "examples_per_step": round(first["examples_per_step"], 1)}
     for r in rows:  # every run
         tag = "non_private" if r["mode"] == "none" else f"{r['mode']}_eps{r['target_epsilon']:g}"
+        tag += "" if r["k"] == k else f"_k{r['k']}"
         values[f"{tag}_lr{r['lr']:g}_val"] = round(r["val_loss"], 3)
-    for r in best(rows):
+        if r["k"] != k:
+            values[f"examples_per_step_k{r['k']}"] = round(r["examples_per_step"], 1)
+    for r in best([r for r in rows if r["k"] != k]):  # the other k, by their best lr
+        values[f"{r['mode']}_eps{r['target_epsilon']:g}_k{r['k']}_val"] = round(r["val_loss"], 3)
+    for r in best([r for r in rows if r["k"] == k]):
         if r["mode"] == "none":
             values.update(non_private_val=round(r["val_loss"], 3), non_private_lr=r["lr"])
             continue
@@ -125,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default=str(RECIPE))
-    ap.add_argument("--runs", nargs="*", default=["uls:3", "els:3", "uls:8", "els:8"],
-                    help="mode:epsilon pairs; mode uls, els or none (epsilon ignored)")
+    ap.add_argument("--runs", nargs="*", default=RUNS,
+                    help="mode:epsilon[:lr[:k]]; mode uls, els or none (epsilon ignored)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/dp_user_lm")
     ap.add_argument("--record", action="store_true", help="only record and plot --out's rows")
@@ -139,17 +164,17 @@ def main(argv: list[str] | None = None) -> None:
     if not args.record:
         recipe = yaml.safe_load(Path(args.recipe).read_text())
         for spec in args.runs:
-            mode, eps, *lr = spec.split(":")
-            row = run(mode, float(eps), recipe, args.seed, float(lr[0]) if lr else None)
-            key = ("mode", "target_epsilon", "seed", "lr")
+            mode, eps, *rest = spec.split(":")
+            lr = float(rest[0]) if rest and rest[0] else None
+            row = run(mode, float(eps), recipe, args.seed, lr, int(rest[1]) if rest[1:] else None)
+            key = ("mode", "target_epsilon", "seed", "lr", "k")
             rows = [r for r in rows if [r[k] for k in key] != [row[k] for k in key]] + [row]
             store.write_text(json.dumps(rows, indent=2))
             print(json.dumps(row))
     if not (args.record or args.runs == ap.get_default("runs")):
         return
-    plot(best(rows), FIGURE)
-    record(rows, "python -m scripts.dp_user_lm --runs uls:3 els:3 uls:8 els:8 none:0 "
-                 "(OMP_NUM_THREADS=1)")
+    plot(best(rows), FIGURE, main_k(rows))
+    record(rows, "OMP_NUM_THREADS=1 python -m scripts.dp_user_lm (15 runs, one thread)")
 
 
 if __name__ == "__main__":
