@@ -97,6 +97,9 @@ class BandMF:
         dataset = users.dataset(loader.dataset) if users else loader.dataset
         n = users.num_units() if users else len(dataset)
         expected = batch_size(loader) * world
+        if n < self.bands:
+            raise PrivacyError(f"{n} {users.unit_name if users else 'examples'} cannot fill "
+                               f"bands={self.bands} partitions; use bands <= {n}")
         try:
             q = partition_sample_rate(expected, n, self.bands)
         except ValueError as e:
