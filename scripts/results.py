@@ -33,8 +33,8 @@ WIDTH = 110
 ORDER = ["quickstart", "mnist_cnn", "muon_lm", "hyperp_lm", "hyperp_moe_lm", "powerlines_wd_lm",
          "layerwise_wd_lm", "umup_lm", "muonpp_lm", "auon_lm", "muon_family_lm", "qk_clip_lm",
          "erm_mnist", "mixup_mnist", "kmixup_mnist", "ghosts_lr_spike", "langevin_mnist",
-         "langevin_swa_single_index", "dpsgd_mnist", "dp_lm", "mfld_private_trajectories",
-         "mfld_private_trajectories_digits",
+         "langevin_swa_single_index", "dpsgd_mnist", "dp_lm", "dp_user_lm",
+         "mfld_private_trajectories", "mfld_private_trajectories_digits",
          "massive_activations_lm", "hf_llama_muon", "minilm_speakers", "rco_mixed_precision_lm"]
 
 

@@ -11,9 +11,10 @@ from scipy.optimize import brentq
 from scipy.stats import binom
 
 from regularizers.dp.accounting import epsilon
-from regularizers.dp.user_level import (calibrate_els_sigma, cap_examples, els_epsilon, group_by_user, sample_users,
-                                        select_examples, user_clipped_sum,
-                                        user_clipped_sum_pieces, user_keys)
+from regularizers.dp.sampling import PoissonBatchSampler
+from regularizers.dp.user_accounting import calibrate_els_sigma, els_epsilon, group_epsilon
+from regularizers.dp.user_level import (cap_examples, group_by_user, select_examples,
+                                        user_clipped_sum, user_clipped_sum_pieces, user_keys)
 
 C = 1.0
 
@@ -93,9 +94,10 @@ def test_uls_sampling_and_per_user_selection():
     keys = [i % 50 for i in range(50)] + [0] * 30 + [1] * 3  # user 0 owns 31, user 1 owns 4
     users, members = group_by_user(keys)
     counts = torch.zeros(len(users))
+    draw = PoissonBatchSampler(len(users), 0.2, 1, seed=4).global_batch
     for t in range(200):
-        s = sample_users(len(users), 0.2, seed=4, step=t)
-        assert torch.equal(s, sample_users(len(users), 0.2, seed=4, step=t))
+        s = draw(t)
+        assert torch.equal(s, draw(t))
         idx, owner = select_examples(members, s, 5, seed=4, step=t)
         assert torch.equal(owner.unique(), s)
         for u in s.tolist():
@@ -104,7 +106,7 @@ def test_uls_sampling_and_per_user_selection():
             assert set(mine.tolist()) <= set(members[u].tolist())
         counts[s] += 1
     assert counts.mean() / 200 == pytest.approx(0.2, abs=4 * math.sqrt(0.2 * 0.8 / 200 / 50))
-    s = sample_users(len(users), 0.5, seed=4, step=0)
+    s = PoissonBatchSampler(len(users), 0.5, 1, seed=4).global_batch(0)
     whole = select_examples(members, s, 5, seed=4, step=0)
     shards = [select_examples(members, s, 5, seed=4, step=0, world=3, rank=r) for r in range(3)]
     assert sorted(torch.cat([i for i, _ in shards]).tolist()) == sorted(whole[0].tolist())
@@ -145,6 +147,8 @@ def test_els_group_privacy_against_dp_accounting(sigma, q, steps, k):
     assert ours >= mixture_pld_epsilon(sigma, q, steps, k, delta)  # an upper bound, valid
     assert els_epsilon(sigma, q, steps, 1, delta) == pytest.approx(
         epsilon([(sigma, q, steps)], delta, "rdp"), rel=1e-12)
+    halves = [(sigma, q, steps // 2), (sigma, q, steps - steps // 2)]  # a ledger of segments
+    assert group_epsilon(halves, k, delta) == pytest.approx(ours, rel=1e-9)
     s = calibrate_els_sigma(3.0, delta, q, steps, k)
     assert els_epsilon(s, q, steps, k, delta) <= 3.0 < els_epsilon(s / 1.002, q, steps, k, delta)
 
@@ -196,7 +200,7 @@ def test_user_batch_sampler_feeds_the_poisson_loader_and_knows_the_owners():
     keys = [i % 7 for i in range(40)]
     _, members = group_by_user(keys)
     data = TensorDataset(torch.arange(40))
-    sampler = UserBatchSampler(members, 0.5, 4, 3, seed=2)
+    sampler = UserBatchSampler(members, 3, PoissonBatchSampler(len(members), 0.5, 4, seed=2))
     for t, (rows,) in enumerate(PoissonLoader(data, sampler)):
         owner = sampler.owners(t)
         assert rows.tolist() == sampler.batch(t)[0].tolist()

@@ -54,6 +54,13 @@ def test_it_links_every_page_of_the_site():
     assert not unlinked, f"pages of the site the README does not link: {unlinked}"
 
 
+def test_every_docs_page_is_on_the_site():
+    nav = set(_nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]))
+    pages = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")
+             if "figures" not in p.parts}
+    assert not pages - nav, f"pages under docs/ missing from mkdocs.yml's nav: {sorted(pages - nav)}"
+
+
 def test_it_stays_a_front_page():
     # the DP-SGD sections are moving to docs/dp.md; everything else is the front page
     front = re.split(r"(?m)^## Differential privacy", README)[0]

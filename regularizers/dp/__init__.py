@@ -20,10 +20,12 @@ from .bandmf import sensitivity as bandmf_sensitivity, strategy as bandmf_strate
 from .cyclic_poisson import (CyclicPoissonBatchSampler, accounting_params,  # noqa: E402
                              bandmf_epsilon, calibrate_bandmf_sigma, cyclic_poisson_batch,
                              partitions)
-from .user_level import (UserBatchSampler, calibrate_els_sigma, els_epsilon,  # noqa: E402
-                         group_by_user, user_clipped_sum, user_clipped_sum_pieces)
+from .user_accounting import calibrate_els_sigma, els_epsilon, group_epsilon  # noqa: E402
+from .user_level import (UserBatchSampler, group_by_user, user_clipped_sum,  # noqa: E402
+                         user_clipped_sum_pieces)
 
 __all__ += ["BandedNoise", "CyclicPoissonBatchSampler", "accounting_params", "bandmf_epsilon",
             "bandmf_sensitivity", "bandmf_strategy", "calibrate_bandmf_sigma",
             "calibrate_els_sigma", "cyclic_poisson_batch", "els_epsilon", "group_by_user",
+            "group_epsilon",
             "partitions", "UserBatchSampler", "user_clipped_sum", "user_clipped_sum_pieces"]

@@ -42,6 +42,11 @@ class Ledger:
         """Epsilon of another history at this ledger's delta and accountant."""
         return accounting.epsilon([tuple(s) for s in segments], self.delta, self.accountant)
 
+    def calibrate_sigma(self, sample_rate: float, steps: int) -> float:
+        """Smallest sigma whose ``steps`` steps at ``sample_rate`` spend at most the target."""
+        return accounting.calibrate_sigma(self.target, self.delta, sample_rate, steps,
+                                          self.accountant)
+
     def allows(self, sigma: float, q: float) -> bool:
         """True if one more step at (sigma, q) keeps epsilon <= target (always without one)."""
         if self.target is None:

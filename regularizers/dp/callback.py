@@ -30,6 +30,7 @@ from .probe import batch_rows, probe_module
 from .report import ADJACENCY, EPSILON_LOG, build_report, publish, without_training_metrics
 from .sampling import fresh_seed, step_generator
 from .step import StepGuard
+from .user_unit import UserLevel, check_resume
 from .validate import (check_callbacks, check_not_sharded, check_number, check_optimizers,
                        check_step)
 
@@ -70,6 +71,20 @@ class DPSGD(L.Callback):
             draws fresh OS entropy whatever the seed: noise already released is never drawn
             again, not even when a run resumes twice from one checkpoint. The default draws
             fresh OS entropy for every fit.
+        privacy_unit: ``example`` (default) or ``user`` (:mod:`.user_unit`; docs/dp.md,
+            "User-level privacy"): epsilon then covers everything one user contributes, N is
+            the number of users, and delta < 1/N is checked against it.
+        user_key: with ``privacy_unit="user"``, who owns an example: a field of a dict item,
+            an index into a tuple item, or a function of the item (a tensor key is read as
+            its value). A dataset attribute ``users`` declares the population; each of them
+            must own an example.
+        examples_per_user: k >= 1, the most examples of one user a step (``uls``) or the
+            whole run (``els``) uses.
+        user_sampling: ``uls`` samples users with rate batch x world / N (the loader's batch
+            size then counts users) and clips each sampled user's average gradient over up
+            to k of its examples; ``els`` caps every user at k examples once and runs
+            example-level DP-SGD on them, its epsilon converted to user level by group
+            privacy (``accountant: rdp``).
     """
 
     privatizes_gradients = True  # FiniteGuard then checks only the released update
@@ -79,7 +94,9 @@ class DPSGD(L.Callback):
                  clipping: str = "flat", sampling: str = "poisson", loss_reduction: str = "mean",
                  hide_training_metrics: bool = False, probe_examples: int = 4,
                  seed: int | None = None, noise: str = "gaussian", bands: int = 1,
-                 strategy: str = "bsr"):
+                 strategy: str = "bsr", privacy_unit: str = "example",
+                 user_key: Any = None, examples_per_user: int | None = None,
+                 user_sampling: str = "uls"):
         if noise_multiplier is None and target_epsilon is None:
             raise ValueError("give noise_multiplier (sigma) or target_epsilon (sigma calibrated "
                              "for the planned steps)")
@@ -107,7 +124,12 @@ class DPSGD(L.Callback):
             warnings.warn("DPSGD(seed=...) makes the first fit's sampling and noise reproducible: "
                           "anyone who knows the seed can undo the noise, so keep it secret and use "
                           "it for one run (later fits and resumes draw fresh noise)", stacklevel=2)
-        self.budget = Ledger(delta, accountant, target_epsilon)
+        if privacy_unit not in ("example", "user"):
+            raise ValueError(f"privacy_unit={privacy_unit!r}: choose 'example' or 'user'")
+        self.user_unit = UserLevel(user_key, examples_per_user, user_sampling, accountant,
+                                   clipping, sampling) if privacy_unit == "user" else None
+        self.budget = self.user_unit.ledger(delta, accountant, target_epsilon) \
+            if self.user_unit else Ledger(delta, accountant, target_epsilon)
         self.noise = noise
         self.bandmf = BandMF(bands, strategy) if noise == "bandmf" else None
         self.sigma: float | None = None
@@ -165,11 +187,13 @@ class DPSGD(L.Callback):
     def _private_loader(self, trainer, loader):
         if self.bandmf is not None:
             self.data = self.bandmf.loader(loader, trainer.world_size, trainer.global_rank,
-                                           self._fit_seed(), first_step=lambda: trainer.global_step)
+                                           self._fit_seed(), first_step=lambda: trainer.global_step,
+                                           users=self.user_unit)
         else:
             self.data = private_loader(loader, self.sampling, trainer.world_size,
                                        trainer.global_rank, self._fit_seed(),
-                                       first_step=lambda: trainer.global_step)
+                                       first_step=lambda: trainer.global_step,
+                                       users=self.user_unit)
         self._check_delta()
         return self.data.loader
 
@@ -223,12 +247,18 @@ class DPSGD(L.Callback):
         left = self.budget.remaining(self.accounted_sigma, self.sample_rate)
         rank_zero_info(f"DP-SGD: sigma={self.sigma:.4g} q={self.sample_rate:.5g} "
                        f"C={self.max_grad_norm} {self.accountant} delta={self.delta:g} "
-                       f"({self.sampling}, {ADJACENCY[self.sampling]} adjacency); budget "
+                       f"({self.sampling}, {ADJACENCY[self.sampling]} adjacency"
+                       f"{self._unit_note()}); budget "
                        f"{'unbounded' if left == math.inf else int(left)} "
                        f"more {'steps' if self.sampling == 'poisson' else 'passes'}"
                        + (f"; noise=bandmf bands={self.bandmf.bands} "
                           f"strategy={self.bandmf.strategy} ||c||={self.bandmf.column_norm:.4g}"
                           " (budget in cycles of bands steps)" if self.bandmf else ""))
+
+    def _unit_note(self) -> str:
+        u = self.user_unit
+        return "" if u is None else (f" of one user among N={self.data.num_samples}, "
+                                     f"{u.mode} k={u.k}, user-level epsilon")
 
     def _calibrate(self, trainer) -> None:
         if self.sigma is not None:
@@ -247,8 +277,7 @@ class DPSGD(L.Callback):
             planned / max(1, trainer.num_training_batches))
         if self.bandmf is not None:  # one ledger step per cycle, at sigma / ||c||
             todo = math.ceil(planned / self.bandmf.bands)
-        self.sigma = accounting.calibrate_sigma(self.target_epsilon, self.delta,
-                                                self.sample_rate, max(1, int(todo)), self.accountant)
+        self.sigma = self.budget.calibrate_sigma(self.sample_rate, max(1, int(todo)))
         if self.bandmf is not None:
             self.sigma *= self.bandmf.column_norm
 
@@ -298,6 +327,9 @@ class DPSGD(L.Callback):
                                "each evaluation is a release of its own, which one noise draw "
                                "does not cover; use a first-order optimizer")
         clipped = self.guard.finish()  # the isolated path's sum, or None: the hooks' pieces
+        if clipped is None and self.user_unit is not None and self.user_unit.clips_users:
+            clipped = self.user_unit.fast_sum(self.engine, self.data.loader, trainer.global_step,
+                                              self.max_grad_norm)
         gen = step_generator(self._noise_seed, trainer.global_step, stream=1,
                              device=self.engine.params[0].device if self.engine.params else None)
         if self.bandmf is not None:
@@ -341,7 +373,8 @@ class DPSGD(L.Callback):
                            f"target_epsilon={self.target_epsilon} (spent {self.epsilon():.4f})")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        L.LightningModule.log(pl_module, EPSILON_LOG[self.sampling], self.epsilon(),
+        name = "dp/epsilon_user" if self.user_unit else EPSILON_LOG[self.sampling]
+        L.LightningModule.log(pl_module, name, self.epsilon(),
                               on_step=False, on_epoch=True, sync_dist=False)
 
     # ------------------------------------------------------------------ reporting
@@ -350,6 +383,8 @@ class DPSGD(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.report = build_report(self, trainer.global_step)
+        if self.user_unit is not None:
+            self.report.update(self.user_unit.report(self))
         log_dir = trainer.log_dir if trainer.logger is not None else None  # collective under DDP
         if trainer.is_global_zero:
             publish(self.report, log_dir)
@@ -379,12 +414,14 @@ class DPSGD(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {**self.budget.state_dict(), "sigma": self.sigma, "sampling": self.sampling,
                 "delta": self.delta, "accountant": self.accountant, "noise": self.noise,
-                **({"bandmf": self.bandmf.state_dict()} if self.bandmf else {})}
+                **({"bandmf": self.bandmf.state_dict()} if self.bandmf else {}),
+                **(self.user_unit.state() if self.user_unit else {})}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("sampling", self.sampling) != self.sampling:
             raise PrivacyError(f"the checkpoint's ledger was kept under sampling="
                                f"{state_dict['sampling']!r}; resume with the same sampling")
+        check_resume(self.user_unit, state_dict)
         if self._run_seed is not None:
             raise PrivacyError("the training loader was built before the checkpoint's DP-SGD "
                                "ledger was restored, so this fit's noise could repeat an "

@@ -84,17 +84,22 @@ class BandMF:
     def column_norm(self) -> float:
         return sensitivity(self.coefs)
 
-    def loader(self, loader, world: int, rank: int, seed: int, first_step) -> PrivateData:
+    def loader(self, loader, world: int, rank: int, seed: int, first_step,
+               users=None) -> PrivateData:
         """The cyclic Poisson loader over the user's map-style dataset (same refusals as
-        the Poisson loader), q relative to the public partition size ``N // b``."""
+        the Poisson loader), q relative to the public partition size ``N // b``. With
+        ``users`` (:class:`.user_unit.UserLevel`) the partitions and draws are over its
+        units: users (uls), each drawn user giving up to k examples, or capped examples."""
         why = why_not_once_per_pass(loader)
         if why is not None:
             raise PrivacyError(f"cannot account for the training data under noise='bandmf': "
                                f"{why}. Give a map-style dataset in a plain DataLoader")
-        n, expected = len(loader.dataset), batch_size(loader) * world
+        dataset = users.dataset(loader.dataset) if users else loader.dataset
+        n = users.num_units() if users else len(dataset)
+        expected = batch_size(loader) * world
         if n < self.bands:
-            raise PrivacyError(f"{n} examples cannot fill bands={self.bands} partitions; use "
-                               f"bands <= {n}")
+            raise PrivacyError(f"{n} {users.unit_name if users else 'examples'} cannot fill "
+                               f"bands={self.bands} partitions; use bands <= {n}")
         try:
             q = partition_sample_rate(expected, n, self.bands)
         except ValueError as e:
@@ -104,8 +109,10 @@ class BandMF:
         self.sampler = CyclicPoissonBatchSampler(n, q, max(1, round(n / expected)), self.bands,
                                                  world, rank, seed, self.split_seed, first_step)
         self.num_samples = n
-        return PrivateData(PoissonLoader(loader.dataset, self.sampler, loader.collate_fn,
-                                         loader.num_workers, loader.pin_memory), n, q, expected)
+        sampler = users.wrap(self.sampler) if users else self.sampler
+        return PrivateData(PoissonLoader(dataset, sampler, loader.collate_fn, loader.num_workers,
+                                         loader.pin_memory),
+                           len(users.users) if users else n, q, expected)
 
     def start(self, global_step: int) -> None:
         """Align the sampler's partition cycle with the released steps."""

@@ -72,7 +72,9 @@ def why_not_shuffled(loader: DataLoader) -> str | None:
 
 
 def private_loader(loader, sampling: str, world: int, rank: int, seed: int,
-                   first_step: Callable[[], int]) -> PrivateData:
+                   first_step: Callable[[], int], users=None) -> PrivateData:
+    """``users`` (a :class:`.user_unit.UserLevel`): user-level DP, whose units the Poisson
+    sampler draws (users, or capped examples) and whose N is the number of users."""
     why = why_not_once_per_pass(loader)
     if why is not None:
         fix = ("Give a map-style dataset in a plain DataLoader" if sampling == "poisson" else
@@ -90,12 +92,16 @@ def private_loader(loader, sampling: str, world: int, rank: int, seed: int,
         sampler = ShuffleBatchSampler(n, bs, world, rank, seed, first_step=first_step)
         return PrivateData(PoissonLoader(loader.dataset, sampler, loader.collate_fn,
                                          loader.num_workers, loader.pin_memory), n, 1.0, bs * world)
+    dataset = users.dataset(loader.dataset) if users else loader.dataset
+    n = users.num_units() if users else n
     expected = bs * world
     if expected > n:
         raise PrivacyError(f"expected batch {expected} (batch_size {bs} x {world} ranks) exceeds "
-                           f"the {n} examples: lower the batch size")
+                           f"the {n} {users.unit_name if users else 'examples'}: lower the batch size")
     q = expected / n
     steps = max(1, round(n / expected))
     sampler = PoissonBatchSampler(n, q, steps, world, rank, seed, first_step=first_step)
-    return PrivateData(PoissonLoader(loader.dataset, sampler, loader.collate_fn,
+    if users:
+        sampler, n = users.wrap(sampler), len(users.users)
+    return PrivateData(PoissonLoader(dataset, sampler, loader.collate_fn,
                                      loader.num_workers, loader.pin_memory), n, q, expected)

@@ -59,7 +59,8 @@ def replace_one_epsilon(dp) -> float:
 def publish(r: dict, log_dir: str | None) -> None:
     """Print the report and write ``dp_report.json`` into the run folder (rank 0 only)."""
     q = r["sample_rate"] if r["sample_rate"] is not None else float("nan")
-    rank_zero_info(f"DP-SGD report: epsilon={r['epsilon']:.4f} delta={r['delta']:g} "
+    rank_zero_info(f"DP-SGD report: {r.get('epsilon_level', 'example-level')} "
+                   f"epsilon={r['epsilon']:.4f} delta={r['delta']:g} N={r['num_samples']} "
                    f"sigma={r['noise_multiplier'] or float('nan'):.4g} q={q:.5g} "
                    f"steps={r['accounted_steps']} accountant={r['accountant']} "
                    f"C={r['max_grad_norm']} {r['adjacency']} adjacency ({r['analysis']})"

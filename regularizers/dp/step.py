@@ -166,9 +166,13 @@ class StepGuard:
         engine.capturing = False
         try:
             with muted_logging(self.module):
-                return isolated_clipped_sum(
-                    lambda b: _loss(self.original(b, batch_idx, *args, **kwargs)), singles,
-                    engine.params, dp.max_grad_norm, dp.clipping)
+                loss_of = lambda b: _loss(self.original(b, batch_idx, *args, **kwargs))  # noqa: E731
+                if dp.user_unit is not None and dp.user_unit.clips_users:  # users, not examples
+                    return dp.user_unit.isolated_sum(loss_of, singles, engine.params,
+                                                     dp.data.loader, self.trainer.global_step,
+                                                     dp.max_grad_norm)
+                return isolated_clipped_sum(loss_of, singles, engine.params, dp.max_grad_norm,
+                                            dp.clipping)
         except PrivacyError:
             raise
         except Exception as e:

@@ -8,13 +8,12 @@ Models with User-Level Differential Privacy" (arXiv 2407.07737), Sec. 3:
   N(0, sigma^2 C^2) on the sum. Removing a user changes the sum by at most C, so the run is
   accounted as DP-SGD over the N users (q, steps, sigma): epsilon is user-level as is.
 * ELS (example-level sampling, their Alg. 1): cap every user at k examples once, then run
-  example-level DP-SGD. A user is then a group of <= k examples; ``els_epsilon`` converts
-  with the (epsilon, delta) group-privacy lemma (Dwork & Roth 2014; Vadhan 2017, Lemma
-  2.2): an (e, d)-DP mechanism is (k e, k exp((k-1) e) d)-DP for groups of k.
+  example-level DP-SGD; :mod:`.user_accounting` converts its epsilon by group privacy.
+
+The callback wires both in through :mod:`.user_unit` (``DPSGD(privacy_unit="user")``).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable
 from typing import Any, Callable, Sequence
 
@@ -23,7 +22,7 @@ import torch
 from toolkit.seeding import generator
 
 
-USER_STREAM, PICK_STREAM, CAP_STREAM = 21, 22, 23
+PICK_STREAM, CAP_STREAM = 22, 23
 
 
 def user_keys(dataset: Any, user_key: str | int | Callable[[Any], Hashable]) -> list[Hashable]:
@@ -33,11 +32,23 @@ def user_keys(dataset: Any, user_key: str | int | Callable[[Any], Hashable]) -> 
     for i in range(len(dataset)):
         item = dataset[i]
         try:
-            keys.append(user_key(item) if callable(user_key) else item[user_key])
+            key = user_key(item) if callable(user_key) else item[user_key]
         except (KeyError, IndexError, TypeError) as e:
             raise ValueError(f"example {i} has no user key {user_key!r} ({e!r}); give "
                              f"user_key as a field of every item or a function of the item") from e
+        keys.append(_plain(key, i))
     return keys
+
+
+def _plain(key: Any, i: int) -> Any:
+    """A tensor key as its Python value: a tensor hashes by identity, which would make
+    every example a user of its own."""
+    if isinstance(key, torch.Tensor):
+        if key.numel() != 1:
+            raise TypeError(f"example {i}'s user key is a tensor of shape {tuple(key.shape)}, "
+                            "not one value; use a str/int/tuple id")
+        return key.item()
+    return key
 
 
 def group_by_user(keys: Sequence[Hashable], users: Sequence[Hashable] | None = None
@@ -65,14 +76,6 @@ def group_by_user(keys: Sequence[Hashable], users: Sequence[Hashable] | None = N
     else:
         order = list(members)
     return order, [torch.tensor(members[u], dtype=torch.long) for u in order]
-
-
-def sample_users(num_users: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
-    """ULS: each user independently with probability q; depends on (seed, step) only."""
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"user sample rate {sample_rate} must lie in (0, 1]")
-    u = torch.rand(num_users, generator=generator(seed, USER_STREAM, step))
-    return (u < sample_rate).nonzero().squeeze(1)
 
 
 def _pick(idx: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
@@ -150,113 +153,62 @@ def user_clipped_sum_pieces(pieces: dict, params: Sequence[torch.Tensor], owner:
     one parameter's per-example gradients, not the model's."""
     if max_norm <= 0:
         raise ValueError(f"max_norm={max_norm}: need > 0")
+    from .mechanism import finite_clip_factors
     present = [p for p in params if p in pieces]
     if not present or owner.numel() == 0:
         return [torch.zeros_like(p) for p in params], torch.zeros(0)
-    device = owner.device
-    uniq, slot = torch.unique(owner, return_inverse=True)
-    U = len(uniq)
+    # the owners come from the sampler, on the host: grouping them there costs no sync
+    uniq, slot = torch.unique(owner.cpu(), return_inverse=True)
+    U, device = len(uniq), present[0].device
+    slot = slot.to(device)
     n_u = torch.zeros(U, dtype=torch.float64, device=device).index_add_(
         0, slot, torch.ones(len(slot), dtype=torch.float64, device=device))
     norm2 = torch.zeros(U, dtype=torch.float64, device=device)
+    eps = torch.finfo(torch.float64).eps  # the rounding of the narrowest gradient, below
     for p in present:
         g = pieces[p].materialize()
         dt = torch.float64 if g.dtype == torch.float64 else torch.float32  # the engine's wide()
+        eps = max(eps, torch.finfo(dt).eps)
         acc = torch.zeros((U,) + g.shape[1:], dtype=dt, device=g.device)
         acc.index_add_(0, slot.to(g.device), g.to(dt))
         mean = acc.flatten(1) / n_u.to(g.device, dt)[:, None]
         norm2 += mean.pow(2).sum(1).to(device, torch.float64)
         del g, acc
     norms = norm2.sqrt()
-    c = (max_norm / (norms * (1 + 64 * torch.finfo(torch.float32).eps) + 1e-6)).clamp(max=1.0)
+    # a user whose mean is not finite adds exactly 0 (as an example does, mechanism.py):
+    # its rows are zeroed, since 0 * inf would be NaN in the sum
+    finite = torch.isfinite(norms)
+    for p in present:
+        pieces[p].keep_rows(finite[slot])
+    c = finite_clip_factors(norms * (1 + 64 * eps), max_norm)
     w = (c / n_u)[slot]
     return [pieces[p].weighted_sum(w.to(p.device)).to(p.dtype) if p in pieces
             else torch.zeros_like(p) for p in params], norms
 
 
-def _rdp_epsilon_at(noise_multiplier: float, sample_rate: float, steps: int):
-    """delta -> RDP epsilon of the example-level run; the RDP curve (Opacus's orders and
-    formula, as ``accounting.epsilon(..., "rdp")``) is computed once, the conversion
-    (Balle et al. 2020) per delta, so the bisections below stay cheap."""
-    import warnings
-
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as analysis
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    curve = analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier,
-                                 steps=steps, orders=orders)
-
-    def at(delta: float) -> float:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return float(analysis.get_privacy_spent(orders=orders, rdp=curve, delta=delta)[0])
-    return at
-
-
-def els_epsilon(noise_multiplier: float, sample_rate: float, steps: int, k: int,
-                delta: float) -> float:
-    """User-level epsilon of ELS at user-level ``delta``: example-level DP-SGD (sigma, q,
-    steps) is (e, d)-DP for every d; group privacy makes it (k e, k exp((k-1) e) d) for a
-    user of <= k examples. We pick the example-level d with k exp((k-1) e(d)) d = delta
-    (bisection on log d; the left side grows with d) and return k e(d). RDP accounting:
-    the search goes down to d = delta e^-30, where Opacus's PRV accountant gives up
-    ("floating point errors will dominate"). inf when no such d exists."""
-    if k < 1:
-        raise ValueError(f"examples_per_user={k}: need >= 1")
-    eps_at = _rdp_epsilon_at(noise_multiplier, sample_rate, steps)
-    if k == 1:
-        return eps_at(delta)
-
-    def log_user_delta(log_d: float) -> float:
-        return math.log(k) + (k - 1) * eps_at(math.exp(log_d)) + log_d
-
-    lo, hi = math.log(delta) - 30.0, math.log(delta / k)  # log_user_delta(hi) >= log delta
-    if log_user_delta(lo) > math.log(delta):
-        return math.inf
-    for _ in range(30):  # log d to 3e-8
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if log_user_delta(mid) <= math.log(delta) else (lo, mid)
-    return k * eps_at(math.exp(lo))
-
-
-def calibrate_els_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                        k: int) -> float:
-    """Smallest sigma (to 0.1%) whose ELS user-level epsilon is <= target (bisection;
-    epsilon falls as sigma grows)."""
-    lo, hi = 0.1, 1.0
-    while els_epsilon(hi, sample_rate, steps, k, delta) > target_epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e4:
-            raise ValueError(f"no sigma <= 1e4 reaches user-level epsilon {target_epsilon} "
-                             f"with k={k}; raise the target or lower k")
-    while hi / lo > 1.001:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if els_epsilon(mid, sample_rate, steps, k, delta) <= target_epsilon \
-            else (mid, hi)
-    return hi
-
-
 class UserBatchSampler:
     """ULS as a batch sampler with ``sampling.PoissonBatchSampler``'s protocol (so
-    ``PoissonLoader`` reads it): step t yields this rank's rows of ``select_examples``
-    for the users ``sample_users`` draws. ``owners(t)`` recomputes the users of those rows
-    from (seed, t), so the callback needs no side channel from the loader."""
+    ``PoissonLoader`` reads it). ``units`` is any sampler over the users' ids 0..U-1 with
+    ``global_batch(step)``, ``steps``, ``world``, ``rank``, ``seed`` and ``first_step``
+    (Poisson, or cyclic Poisson for BandMF): it decides which users take part at step t,
+    and step t yields this rank's rows of ``select_examples`` for them. ``owners(t)``
+    recomputes the users of those rows from (seed, t), so the callback needs no side
+    channel from the loader."""
 
-    def __init__(self, members: Sequence[torch.Tensor], sample_rate: float, steps: int, k: int,
-                 world: int = 1, rank: int = 0, seed: int | None = None,
-                 first_step: Callable[[], int] | None = None):
-        from .sampling import fresh_seed
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"user sample rate {sample_rate} must lie in (0, 1]")
-        self.members, self.q, self.steps, self.k = members, sample_rate, steps, k
-        self.world, self.rank = world, rank
-        self.seed = fresh_seed() if seed is None else seed
-        self.first_step = first_step or (lambda: 0)
+    def __init__(self, members: Sequence[torch.Tensor], k: int, units):
+        if k < 1:
+            raise ValueError(f"examples_per_user={k}: need >= 1")
+        self.members, self.k, self.units = members, k, units
+        self.steps, self.world, self.rank = units.steps, units.world, units.rank
+        self.seed, self.first_step = units.seed, units.first_step
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        users = sample_users(len(self.members), self.q, self.seed, step)
-        return select_examples(self.members, users, self.k, self.seed, step, self.world,
-                               self.rank)
+        return select_examples(self.members, self.units.global_batch(step), self.k, self.seed,
+                               step, self.world, self.rank)
+
+    def indices(self, step: int) -> list[int]:
+        """This rank's examples at ``step``."""
+        return self.batch(step)[0].tolist()
 
     def owners(self, step: int) -> torch.Tensor:
         return self.batch(step)[1]
@@ -267,7 +219,7 @@ class UserBatchSampler:
     def __iter__(self):
         t = self.first_step()
         for j in range(self.steps):
-            yield self.batch(t + j)[0].tolist()
+            yield self.indices(t + j)
 
     def __len__(self) -> int:
         return self.steps

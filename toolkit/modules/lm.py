@@ -86,7 +86,7 @@ class LanguageModel(LMSteps, TrainModule):
         return self.model(idx)
 
     def lm_loss(self, batch) -> tuple[torch.Tensor, int]:
-        x, y = batch
+        x, y = batch[0], batch[1]  # a third field (the owner, for user-level DP) is not read
         loss = unit_cross_entropy if self.model.cfg.parametrization == "umup" else cross_entropy
         return loss(self(x), y), x.shape[0]
 
