@@ -21,6 +21,8 @@ def test_script_imports_as_a_module(name):
     module = importlib.import_module(name)
     source = Path(module.__file__).read_text()
     assert "sys.path" not in source and "sys.modules" not in source, name
+    root = getattr(module, "ROOT", None)  # a moved script must still find the repository
+    assert root is None or Path(root).resolve() == ROOT, (name, root)
 
 
 def test_paper_experiments_live_under_papers():

@@ -8,7 +8,7 @@ Issue 26's claim (Choquette-Choo et al. 2023, amplified BandMF): at epsilon 1, 3
 C 0.1, PRV), sigma calibrated per arm for the target epsilon; BandMF adds
 ``noise="bandmf", bands=b, strategy="optimized"`` (cyclic Poisson over b partitions, same
 expected batch and steps). b per epsilon is fixed in advance from the noise-RMSE proxy
-(``python -m scripts.bandmf_bands --n 55000 --batch 4096 --epochs 15``, docs/dp_bandmf.md):
+(``python -m scripts.papers.bandmf.bands --n 55000 --batch 4096 --epochs 15``, docs/dp_bandmf.md):
 b=2 at epsilon 1 and 3, b=4 at epsilon 8. Runs are written as they finish, so a cut-short
 sweep keeps what it did.
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from scripts.dp_tradeoff import build
+from scripts.papers.dpsgd import build
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 BANDS = {1.0: 2, 3.0: 2, 8.0: 4}
 
 

@@ -90,7 +90,7 @@ def main() -> None:
         print(json.dumps([run(e, args.broken, m) for e, m in zip(args.epsilon, args.canaries)], indent=2))
         return
     rows = [run(e, b, m) for e, m in zip(args.epsilon, args.canaries) for b in (False, True)]
-    out = Path(__file__).resolve().parent.parent / "docs" / "results" / "mfld_audit.json"
+    out = Path(__file__).resolve().parents[3] / "docs" / "results" / "mfld_audit.json"
     command = (f"python -m scripts.papers.mfld_trajectories.audit --epsilon {' '.join(f'{e:g}' for e in args.epsilon)} "
                f"--canaries {' '.join(map(str, args.canaries))} --record")
     out.write_text(json.dumps({"command": command, "runs": rows}, indent=2) + "\n")

@@ -27,7 +27,7 @@ import torch
 from regularizers.dp_trajectories import generate, kernel_bound, privacy_report, step_noise, w2
 from scripts.papers.mfld_trajectories.plots import plot_marginals, plot_paths
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 RESULTS = ROOT / "docs" / "results"
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 # lr 1 is the largest stable step (lr 2 and 3 oscillate); 600 steps is where the noise-free
