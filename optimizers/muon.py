@@ -13,8 +13,10 @@ does (betas (0.9, 0.95), eps 1e-10 by default), so results match that reference 
 tolerance: the NS runs in bf16 as there). Their lr is ``adam_lr`` unless the group sets
 its own ``lr``: build_optimizer passes a single ``lr``, which is Muon's.
 
-Speed: same-shape matrices are orthogonalized in one batched call (bitwise equal to a
-loop), momentum and AdamW use ``torch._foreach_*`` ops. On CPUs without bf16 units the bf16
+Speed: on GPUs same-shape matrices are orthogonalized in one batched call, on CPUs one by one
+into reused buffers (bitwise equal either way), momentum uses ``torch._foreach_*`` ops and the
+AdamW groups :mod:`optimizers.aux_adam` (bitwise the reference's ops, in cache-sized chunks on
+CPUs). ``ns_matmul="addmm"`` runs torch.optim.Muon's arithmetic instead. On CPUs without bf16 units the bf16
 iteration's products run as fp32 GEMMs of the bf16 operands (``ns_matmul="auto"``; see
 :mod:`optimizers.newton_schulz`), faster (docs/benchmarks.md, muon-step) and within 1% of the reference. Under DDP each rank
 orthogonalizes ~1/world of the matrices (see :mod:`optimizers.newton_schulz`); momentum

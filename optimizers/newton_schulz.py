@@ -3,10 +3,17 @@
 The iteration itself is the reference package's ``muon.zeropower_via_newtonschulz5``
 (Jordan et al. 2024: quintic, coefficients 3.4445, -4.7750, 2.0315, bf16). It accepts a
 batch ``(n, A, B)``, and a batch gives bitwise the same result as a loop over its
-matrices (tests/test_optimizers_muon.py checks this), so same-shape matrices are
+matrices (tests/test_optimizers_muon.py checks this), so on GPUs same-shape matrices are
 stacked into one call: fewer, larger matmuls. Tall matrices are transposed first (the
 iteration works on the wide orientation anyway), so an MLP's ``(4d, d)`` and ``(d, 4d)``
-weights share one batch.
+weights share one batch. On CPUs each matrix runs alone (bf16 ``bmm`` runs at about half the
+speed of ``mm`` there), laid out contiguous as a stack would (same bits), and the iteration
+writes into buffers made once per matrix (:func:`_in_place`, bitwise the reference's ops).
+
+``matmul="addmm"`` is torch.optim.Muon's form of the bf16 iteration (:func:`_addmm_form`,
+bitwise ``torch.optim._muon._zeropower_via_newtonschulz``): the scalings folded into ``addmm``,
+one rounding where the muon package's form has two, and no bf16 elementwise pass (slow on
+CPUs); ``python -m scripts.bench muon-step muon-step-addmm`` times both forms.
 
 bf16 products can be computed two ways (``matmul``): ``"bf16"`` runs the reference function
 itself, bf16 GEMMs, bitwise; ``"fp32"`` runs the same op sequence with every product taken as
