@@ -13,8 +13,10 @@ does (betas (0.9, 0.95), eps 1e-10 by default), so results match that reference 
 tolerance: the NS runs in bf16 as there). Their lr is ``adam_lr`` unless the group sets
 its own ``lr``: build_optimizer passes a single ``lr``, which is Muon's.
 
-Speed: same-shape matrices are orthogonalized in one batched call (bitwise equal to a
-loop), momentum and AdamW use ``torch._foreach_*`` ops. On CPUs without bf16 units the bf16
+Speed: on GPUs same-shape matrices are orthogonalized in one batched call, on CPUs one by one
+into reused buffers (bitwise equal either way), momentum uses ``torch._foreach_*`` ops and the
+AdamW groups :mod:`optimizers.aux_adam` (bitwise the reference's ops, in cache-sized chunks on
+CPUs). ``ns_matmul="addmm"`` runs torch.optim.Muon's arithmetic instead. On CPUs without bf16 units the bf16
 iteration's products run as fp32 GEMMs of the bf16 operands (``ns_matmul="auto"``; see
 :mod:`optimizers.newton_schulz`), faster (docs/benchmarks.md, muon-step) and within 1% of the reference. Under DDP each rank
 orthogonalizes ~1/world of the matrices (see :mod:`optimizers.newton_schulz`); momentum
@@ -43,6 +45,7 @@ import torch
 
 from .registry import register
 from . import sharded
+from .aux_adam import adam_step
 from .cautious import check_cautious, decay_
 from .newton_schulz import NS_MATMULS, as_matrix, check_coefficients, orthogonalize_many
 from .orientation import fans, group_flags, stacked_flags
@@ -115,8 +118,12 @@ class Muon(torch.optim.Optimizer):
             the exact iteration; matches the reference to bf16 tolerance).
         ns_matmul: how bf16 products are computed: ``"bf16"`` (the reference function,
             bitwise), ``"fp32"`` (fp32 GEMMs of the bf16 operands, rounded to bf16: same
-            numerics up to accumulation order, faster on CPUs without bf16 units) or
-            ``"auto"`` (``"bf16"`` on GPUs and bf16-capable CPUs, else ``"fp32"``).
+            numerics up to accumulation order, faster on CPUs without bf16 units),
+            ``"auto"`` (``"bf16"`` on GPUs and bf16-capable CPUs, else ``"fp32"``) or
+            ``"addmm"``: bf16 GEMMs in torch.optim.Muon's form, the scalings folded into
+            ``addmm`` (bitwise torch.optim.Muon's iteration and, with the ratio folded into the
+            step size as there, its whole update; faster on CPUs, where bf16 elementwise ops are
+            slow; not bitwise the muon package, whose form rounds each scaling separately).
         ns_coefficients: ``"quintic"`` (Jordan's 3.4445, -4.7750, 2.0315 every iteration) or
             ``"polar_express"`` (Amsel et al. 2025, arXiv 2505.16932: one optimal quintic per
             iteration; :mod:`optimizers.newton_schulz`).
@@ -270,9 +277,11 @@ class Muon(torch.optim.Optimizer):
         lr, mode = group["lr"], group["adjust_lr"]
         ratio = adjusted_ratio(p.shape, mode, id(p) in self._transposed, self.is_stacked(p))
         self.decay(group, p, d)
-        if mode == "original":
-            # Same bf16 scaling then fp32 add as muon.muon_update, so results match it.
-            d.mul_(ratio)
+        if mode == "original" and group.get("ns_matmul") != "addmm":
+            # Same bf16 scaling then fp32 add as muon.muon_update, so results match it
+            # (a ratio of 1 changes no bit: skipped).
+            if ratio != 1:
+                d.mul_(ratio)
             p.add_(d, alpha=-lr)
         else:  # torch.optim.Muon folds the ratio into the step size
             p.add_(d, alpha=-lr * ratio)
@@ -286,36 +295,17 @@ class Muon(torch.optim.Optimizer):
         ps = [p for p in g["params"] if p.grad is not None]
         if not ps:
             return
-        b1, b2 = g["betas"]
-        m, v, bc1, bc2 = [], [], [], []
         for p in ps:
             st = self.state[p]
             if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
-                st["step"] = 0
+                st.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p), step=0)
             st["step"] += 1
-            m.append(sharded.local(st["exp_avg"]))
-            v.append(sharded.local(st["exp_avg_sq"]))
-            bc1.append(1 - b1 ** st["step"])
-            bc2.append(1 - b2 ** st["step"])
-        grads = [sharded.local(p.grad) for p in ps]
-        ps = [sharded.local(p) for p in ps]
-        # The op sequence of muon.adam_update, one foreach call per op.
-        torch._foreach_lerp_(m, grads, 1 - b1)
-        torch._foreach_lerp_(v, torch._foreach_mul(grads, grads), 1 - b2)
-        den = torch._foreach_div(v, bc2)
-        torch._foreach_sqrt_(den)
-        torch._foreach_add_(den, g["eps"])
-        upd = torch._foreach_div(m, bc1)
-        torch._foreach_div_(upd, den)
-        if g.get("cautious_wd", False) and g["weight_decay"]:
-            for p, u in zip(ps, upd):
-                decay_(p, u, g["lr"], g["weight_decay"], True)
-        else:
-            torch._foreach_mul_(ps, 1 - g["lr"] * g["weight_decay"])
-        torch._foreach_add_(ps, upd, alpha=-g["lr"])
-
+        sts = [self.state[p] for p in ps]
+        adam_step([sharded.local(p) for p in ps], [sharded.local(p.grad) for p in ps],
+                  [sharded.local(st["exp_avg"]) for st in sts],
+                  [sharded.local(st["exp_avg_sq"]) for st in sts], [st["step"] for st in sts],
+                  lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
+                  cautious_wd=g.get("cautious_wd", False))
 
 register("muon", Muon, lr=0.02,
          description="Muon (Jordan et al.): Newton-Schulz-orthogonalized momentum on hidden matrices, "

@@ -3,10 +3,17 @@
 The iteration itself is the reference package's ``muon.zeropower_via_newtonschulz5``
 (Jordan et al. 2024: quintic, coefficients 3.4445, -4.7750, 2.0315, bf16). It accepts a
 batch ``(n, A, B)``, and a batch gives bitwise the same result as a loop over its
-matrices (tests/test_optimizers_muon.py checks this), so same-shape matrices are
+matrices (tests/test_optimizers_muon.py checks this), so on GPUs same-shape matrices are
 stacked into one call: fewer, larger matmuls. Tall matrices are transposed first (the
 iteration works on the wide orientation anyway), so an MLP's ``(4d, d)`` and ``(d, 4d)``
-weights share one batch.
+weights share one batch. On CPUs each matrix runs alone (bf16 ``bmm`` runs at about half the
+speed of ``mm`` there), laid out contiguous as a stack would (same bits), and the iteration
+writes into buffers made once per matrix (:func:`_in_place`, bitwise the reference's ops).
+
+``matmul="addmm"`` is torch.optim.Muon's form of the bf16 iteration (:func:`_addmm_form`,
+bitwise ``torch.optim._muon._zeropower_via_newtonschulz``): the scalings folded into ``addmm``,
+one rounding where the muon package's form has two, and no bf16 elementwise pass (slow on
+CPUs); ``python -m scripts.bench muon-step muon-step-addmm`` times both forms.
 
 bf16 products can be computed two ways (``matmul``): ``"bf16"`` runs the reference function
 itself, bf16 GEMMs, bitwise; ``"fp32"`` runs the same op sequence with every product taken as
@@ -44,7 +51,7 @@ from muon import zeropower_via_newtonschulz5
 __all__ = ["as_matrix", "orthogonalize", "orthogonalize_many", "distributed_world",
            "NS_MATMULS", "NS_COEFFICIENTS", "coefficient_schedule", "check_coefficients"]
 
-NS_MATMULS = ("auto", "bf16", "fp32")
+NS_MATMULS = ("auto", "bf16", "fp32", "addmm")
 _ABC = (3.4445, -4.7750, 2.0315)
 # Polar Express, 5 iterations, safety factor 1.02 (see the module doc for the source)
 POLAR_EXPRESS = (
@@ -143,8 +150,61 @@ def _quintic(x: torch.Tensor, steps: int, mm, coefficients: str = "quintic") -> 
     return x.mT if tall else x
 
 
+def _in_place(x: torch.Tensor, steps: int, coefficients: str = "quintic") -> torch.Tensor:
+    """:func:`_quintic` with ``torch.mm`` products on a wide 2-D ``x`` that may be overwritten,
+    bitwise: every op writes into one of six buffers made once per call (``out=``), where the
+    reference allocates eight fresh tensors per iteration. On CPUs that halves the cost of the
+    scalings and sums: a fresh tensor's first touch costs more than the op, and an ``out=``
+    op into a separate buffer ran faster than the in-place form for bf16 (torch 2.13, 1 thread).
+    Same roundings: ``B = b*A + (c*A) @ A``, ``x = a*x + B @ x``, each op rounded once."""
+    scale = x.norm(dim=(-2, -1), keepdim=True)
+    x.div_(scale + 1e-7 if coefficients == "quintic" else scale * POLAR_EXPRESS_SAFETY + 1e-7)
+    m = x.size(0)
+    A, S, P = (x.new_empty(m, m) for _ in range(3))
+    BX, aX = torch.empty_like(x), torch.empty_like(x)
+    for a, b, c in coefficient_schedule(coefficients, steps):
+        torch.mm(x, x.mT, out=A)
+        torch.mm(torch.mul(A, c, out=S), A, out=P)
+        torch.mm(torch.add(torch.mul(A, b, out=S), P, out=A), x, out=BX)  # A <- B
+        torch.add(torch.mul(x, a, out=aX), BX, out=x)
+    return x
+
+
+def _addmm_form(x: torch.Tensor, steps: int, coefficients: str = "quintic") -> torch.Tensor:
+    """The bf16 iteration in ``torch.optim.Muon``'s form (``torch.optim._muon.
+    _zeropower_via_newtonschulz``, bitwise for the quintic): the scalings are folded into the
+    products (``B = addmm(A, A, A, beta=b, alpha=c)``, ``x = addmm(x, B, x, beta=a)``), so each
+    rounds once where the muon package's form rounds twice, and no elementwise pass runs on
+    CPUs, where bf16 elementwise ops are slow. Polar Express: the same, with the 1.02 safety
+    factor in the normalization. A 2-D ``x``; tall ones iterate as a transposed view, as there."""
+    X = x.to(torch.bfloat16, copy=True)  # copy: never write the caller's (momentum) tensor
+    tall = X.size(0) > X.size(1)
+    X = X.T if tall else X
+    norm = X.norm() if coefficients == "quintic" else X.norm() * POLAR_EXPRESS_SAFETY
+    X.div_(norm.clamp(min=1e-7))
+    for a, b, c in coefficient_schedule(coefficients, steps):
+        A = X @ X.T
+        X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    return X.T if tall else X
+
+
 def _ns(x: torch.Tensor, steps: int, dtype: torch.dtype, matmul: str = "auto",
-        coefficients: str = "quintic") -> torch.Tensor:
+        coefficients: str = "quintic", relayout: bool = False) -> torch.Tensor:
+    """NS of ``x``; ``relayout``: lay ``x`` out contiguous first, as stacking it into a batch
+    does (GEMMs' accumulation order, hence the bits, can depend on the operands' layout)."""
+    native = dtype != torch.bfloat16 or _resolve(matmul, x.device) == "bf16"  # torch.mm products
+    if native and x.device.type == "cpu" and x.ndim == 2 and x.size(0) <= x.size(1) and (
+            relayout or x.is_contiguous()):
+        # A contiguous buffer of our own (converted first: a transposing copy of half the
+        # bytes), then the iteration runs in place.
+        y = x.to(dtype)
+        y = y.contiguous() if y.data_ptr() != x.data_ptr() else y.clone(
+            memory_format=torch.contiguous_format)
+        return _in_place(y, steps, coefficients)
+    if dtype == torch.bfloat16 and matmul == "addmm":
+        return _addmm_form(x, steps, coefficients)
+    if relayout:
+        x = x.contiguous()
     if dtype != torch.bfloat16:
         # The same quintic in a wider dtype: closer to the exact iteration than the bf16 reference.
         return _quintic(x.to(dtype), steps, torch.matmul, coefficients)
@@ -181,14 +241,20 @@ def _owners(shapes: list[torch.Size], world: int) -> list[int]:
 
 def _batched(mats: list[torch.Tensor], steps: int, dtype: torch.dtype = torch.bfloat16,
              matmul: str = "auto", coefficients: str = "quintic") -> list[torch.Tensor]:
-    """NS of each matrix; same-shape matrices (after orienting them wide) in one batched call."""
+    """NS of each matrix; on GPUs same-shape matrices (after orienting them wide) in one batched
+    call, on CPUs one at a time (same bits either way)."""
     out: list[torch.Tensor | None] = [None] * len(mats)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     wide = [m.mT if m.size(-2) > m.size(-1) else m for m in mats]
     for i, m in enumerate(wide):
-        buckets[(tuple(m.shape), m.device)].append(i)
+        # CPU: a batch is slower than its matrices one by one (bf16 bmm runs at about half the
+        # speed of mm, and the stacked operands and temporaries fall out of cache).
+        one = m.device.type == "cpu" or matmul == "addmm"  # the addmm form is 2-D only
+        buckets[(tuple(m.shape), m.device, i if one else -1)].append(i)
     for idx in buckets.values():
-        res = _ns(torch.stack([wide[i] for i in idx]), steps, dtype, matmul, coefficients)
+        res = (_ns(wide[idx[0]], steps, dtype, matmul, coefficients, relayout=True).unsqueeze(0)
+               if len(idx) == 1
+               else _ns(torch.stack([wide[i] for i in idx]), steps, dtype, matmul, coefficients))
         for j, i in enumerate(idx):
             out[i] = res[j].mT if wide[i] is not mats[i] else res[j]
     return out  # type: ignore[return-value]

@@ -53,17 +53,23 @@ def run_case(c: Case, reps: int, quick: bool) -> dict[str, Any]:
         for n in names:
             bench.impls[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}  # process CPU time: robust to a busy host
     for r in range(reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             bench.impls[n]()
             times[n].append(time.perf_counter() - t0)
+            cpu[n].append(time.process_time() - c0)
     med = {n: statistics.median(ts) for n, ts in times.items()}
+    cpu_med = {n: statistics.median(ts) for n, ts in cpu.items()}
     ours = names[0]
     ratios = {ref: med[ours] / med[ref] for ref in names[1:]}
     return {"case": c.name, "ours": ours, "median_s": med, "times_s": times,
-            "ratio_vs": ratios, "target": c.target, "reps": reps, "extra": bench.extra}
+            "ratio_vs": ratios, "target": c.target, "reps": reps,
+            "cpu_median_s": cpu_med, "cpu_times_s": cpu,
+            "cpu_ratio_vs": {ref: cpu_med[ours] / cpu_med[ref] for ref in names[1:]},
+            "extra": bench.extra}
 
 
 def format_result(res: dict[str, Any]) -> str:
@@ -74,6 +80,8 @@ def format_result(res: dict[str, Any]) -> str:
         target = res["target"].get(n) if isinstance(res["target"], dict) else res["target"]
         if ratio is not None and target is not None:
             tail += "  (target <= %.2f: %s)" % (target, "ok" if ratio <= target else "MISSED")
+        cpu = res.get("cpu_ratio_vs", {}).get(n)
+        tail += "" if cpu is None else f"  (process CPU time: {cpu:.3f})"
         lines.append(f"  {n:<28} {t * 1e3:10.2f} ms{tail}")
     for k, v in res["extra"].items():
         lines.append(f"  {k}: {v}")

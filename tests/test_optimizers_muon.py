@@ -136,7 +136,7 @@ def test_matches_single_device_muon_with_aux_adam():
     start = tiny_gpt()
     for (n, a), b, s in zip(ours.named_parameters(), ref.parameters(), start.parameters()):
         assert not torch.equal(a, s), f"{n} did not move"
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
 
 def test_default_trains_like_reference():

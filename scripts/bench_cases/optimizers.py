@@ -3,21 +3,31 @@
 ``muon-step``: ``optimizers.Muon`` vs ``muon.SingleDeviceMuonWithAuxAdam`` and vs
 ``torch.optim.Muon`` + ``torch.optim.AdamW`` on the parameters of a 12-layer, 768-wide GPT
 (GPT-2 small shapes, vocab 50304; ``--quick``: 4 layers, 256 wide, vocab 65). One timed
-repetition is one ``step()`` with fixed random gradients. ``optimizers.Muon`` runs with its
-default ``ns_matmul="auto"``: on a CPU without bf16 units its bf16 products are fp32 GEMMs
-(see optimizers/newton_schulz.py); ``muon-step-bf16`` times it with bf16 GEMMs, the
-references' own kernel, to show what that choice buys. ``auon-step`` /
-``hybrid-auon-step``: AuON / Hybrid-AuON vs Muon on the same parameters. ``lm-train-step``:
-a whole training step (forward, backward, step) of the quickstart 4x128 char GPT with Muon
-vs AdamW, i.e. what Newton-Schulz adds to wall-clock per step on this model.
+repetition is one ``step()`` with fixed random gradients. Equal kernels: ``optimizers.Muon``
+runs with ``ns_matmul="bf16"`` (the muon package's own iteration: bf16 GEMMs, quintic, 5
+steps), as both references do on every CPU; ``extra["kernels"]`` records what each side ran,
+read off the objects, with the CPU model and its bf16 flags and the host load.
+``muon-step-addmm``: ``ns_matmul="addmm"`` (torch.optim.Muon's own form of the iteration,
+bitwise) vs ``torch.optim.Muon`` + AdamW. ``muon-step-auto``: the default ``ns_matmul="auto"``
+(bf16 GEMMs on bf16-capable CPUs, else fp32 GEMMs of the bf16 operands: not the references'
+kernel there, as ``kernels`` then says). ``auon-step`` / ``hybrid-auon-step``: AuON /
+Hybrid-AuON vs Muon on the same parameters. ``lm-train-step``: a whole training step
+(forward, backward, step) of the quickstart 4x128 char GPT with Muon vs AdamW, i.e. what
+Newton-Schulz adds to wall-clock per step on this model.
 """
 from __future__ import annotations
+
+import inspect
+import os
+import platform
+from pathlib import Path
 
 import muon
 import torch
 from scripts.harness import Bench, case
 
 import optimizers
+from optimizers import newton_schulz
 from toolkit.models.gpt import GPT, GPTConfig
 
 
@@ -36,12 +46,52 @@ def _extra(model: GPT) -> dict:
     groups = optimizers.param_groups(model)
     n_hidden = sum(p.numel() for g in groups if g["use_muon"] for p in g["params"])
     return {"params": sum(p.numel() for p in model.parameters()), "muon_params": n_hidden,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "cpu": _cpu(),
+            "load_avg_1_5_15_at_setup": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _cpu() -> str:
+    """CPU model and the flags that decide bf16 GEMM speed (lscpu's "Model name"/"Flags")."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                 if ln.startswith("model name")), platform.processor() or "unknown")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                  if ln.startswith("flags")), [])
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{name}, {os.cpu_count()} CPUs, bf16 flags: {', '.join(bf16) or 'none'}"
+
+
+def _ours_kernel(opt) -> str:
+    g = next(g for g in opt.param_groups if g["use_muon"])
+    if g["ns_dtype"] != "bfloat16":
+        return f"{g['ns_dtype']} GEMMs, {g['ns_coefficients']}, {g['ns_steps']} steps"
+    matmul = newton_schulz._resolve(g["ns_matmul"], torch.device("cpu"))
+    form = {"bf16": "bf16 GEMMs, the muon package's form",
+            "fp32": "fp32 GEMMs of bf16 operands rounded to bf16 (NOT the references' kernel)",
+            "addmm": "bf16 GEMMs, torch.optim.Muon's addmm form"}[matmul]
+    return (f"{form} (ns_matmul={g['ns_matmul']!r} -> {matmul!r}), {g['ns_coefficients']}, "
+            f"{g['ns_steps']} steps")
+
+
+def _kernels(ours, **refs) -> dict:
+    """What each side's Newton-Schulz ran, read off the objects."""
+    pkg_steps = inspect.signature(muon.muon_update).parameters["ns_steps"].default
+    out = {"ours": _ours_kernel(ours)}
+    if "pkg" in refs:
+        out["muon.SingleDeviceMuonWithAuxAdam"] = (
+            "bf16 GEMMs (muon.zeropower_via_newtonschulz5: G.bfloat16()), quintic "
+            f"(3.4445, -4.7750, 2.0315), {pkg_steps} steps")
+    if "torch" in refs:
+        d = refs["torch"].defaults
+        out["torch.optim.Muon"] = (f"bf16 GEMMs, addmm form (_zeropower_via_newtonschulz: "
+                                   f"grad.bfloat16()), {d['ns_coefficients']}, {d['ns_steps']} steps")
+    return out
 
 
 def _ours(quick: bool, name: str = "muon", **kw):
     model = _gpt(quick)
     opt = optimizers.build_optimizer(model, name, lr=0.02, weight_decay=0.1, adam_lr=3e-4, **kw)
+    _ours.last = opt
     return model, opt.step
 
 
@@ -65,24 +115,42 @@ def _reference_torch(quick: bool):
         m.step()
         a.step()
 
+    step.muon = m
     return step
+
+
+def _vs_references(quick: bool, label: str, refs: tuple[str, ...] = ("pkg", "torch"),
+                   **kw) -> Bench:
+    model, ours = _ours(quick, **kw)
+    opt = _ours.last
+    impls = {label: ours}
+    if "pkg" in refs:
+        impls["muon.SingleDeviceMuonWithAuxAdam"] = _reference_muon_pkg(quick)
+    if "torch" in refs:
+        impls["torch.optim.Muon+AdamW"] = torch_ref = _reference_torch(quick)
+    kernels = _kernels(opt, **({"pkg": True} if "pkg" in refs else {}),
+                       **({"torch": torch_ref.muon} if "torch" in refs else {}))
+    return Bench(impls, extra={**_extra(model), "kernels": kernels})
 
 
 @case("muon-step", target=1.0)
 def muon_step(quick: bool) -> Bench:
-    """optimizers.Muon step vs muon-optimizer and torch.optim.Muon+AdamW (GPT-2 small params)."""
-    model, ours = _ours(quick)
-    return Bench({"optimizers.Muon": ours,
-                  "muon.SingleDeviceMuonWithAuxAdam": _reference_muon_pkg(quick),
-                  "torch.optim.Muon+AdamW": _reference_torch(quick)}, extra=_extra(model))
+    """optimizers.Muon (ns_matmul=bf16: the references' kernel) vs muon-optimizer and
+    torch.optim.Muon+AdamW (GPT-2 small params)."""
+    return _vs_references(quick, "optimizers.Muon", ns_matmul="bf16")
 
 
-@case("muon-step-bf16")
-def muon_step_bf16(quick: bool) -> Bench:
-    """optimizers.Muon with bf16 GEMMs (ns_matmul=bf16) vs torch.optim.Muon+AdamW: same kernel."""
-    model, ours = _ours(quick, ns_matmul="bf16")
-    return Bench({"optimizers.Muon(ns_matmul=bf16)": ours,
-                  "torch.optim.Muon+AdamW": _reference_torch(quick)}, extra=_extra(model))
+@case("muon-step-addmm", target=1.0)
+def muon_step_addmm(quick: bool) -> Bench:
+    """optimizers.Muon with ns_matmul=addmm (torch.optim.Muon's iteration, bitwise) vs
+    torch.optim.Muon+AdamW."""
+    return _vs_references(quick, "optimizers.Muon(ns_matmul=addmm)", ("torch",), ns_matmul="addmm")
+
+
+@case("muon-step-auto")
+def muon_step_auto(quick: bool) -> Bench:
+    """optimizers.Muon with the default ns_matmul=auto vs the references (kernels recorded)."""
+    return _vs_references(quick, "optimizers.Muon(ns_matmul=auto)")
 
 
 @case("auon-step", target=0.5)
