@@ -112,6 +112,26 @@ def features(root: Path, n: int, seed: int):
     return (x - x.mean(0)) / (x.std(0) + 1e-6), labels[idx].long()
 
 
+def canaries(data: Path, n_real: int, m: int, seed: int, scale: float):
+    """The audited training set: ``n_real`` MNIST features padded by ``m`` zero columns, then
+    each canary that is in (a fair coin per canary) as one row with ``scale`` in its own
+    column. Returns (X, Y, d, K, member, ins, canary_y)."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y = features(data, n_real, seed)
+    d, K = x.shape[1], 10
+    g = torch.Generator().manual_seed(seed + 1)
+    member = torch.rand(m, generator=g) < 0.5
+    canary_y = torch.arange(m) % K
+    ins = member.nonzero().squeeze(1)
+    xc = torch.zeros(len(ins), d + m)
+    xc[torch.arange(len(ins)), d + ins] = scale
+    X = torch.cat([F.pad(x, (0, m)), xc])
+    Y = torch.cat([y, canary_y[ins]])
+    return X, Y, d, K, member, ins, canary_y
+
+
 def run(sigma: float = 2.0, m: int = 1000, steps: int = 200, n_real: int = 1000,
         batch: int = 75, lr: float = 0.15, scale: float = 10.0, clip: float = 1.0,
         delta: float = 1e-5, seed: int = 0, data: Path = DATA, broken: str = "none",
@@ -127,16 +147,7 @@ def run(sigma: float = 2.0, m: int = 1000, steps: int = 200, n_real: int = 1000,
 
     from regularizers import DPSGD
 
-    x, y = features(data, n_real, seed)
-    d, K = x.shape[1], 10
-    g = torch.Generator().manual_seed(seed + 1)
-    member = torch.rand(m, generator=g) < 0.5
-    canary_y = torch.arange(m) % K
-    ins = member.nonzero().squeeze(1)
-    xc = torch.zeros(len(ins), d + m)
-    xc[torch.arange(len(ins)), d + ins] = scale
-    X = torch.cat([F.pad(x, (0, m)), xc])
-    Y = torch.cat([y, canary_y[ins]])
+    X, Y, d, K, member, ins, canary_y = canaries(data, n_real, m, seed, scale)
     q = batch / (n_real + m / 2)  # nominal rate: the auditor must not use the true N
 
     coin = torch.Generator().manual_seed(seed + 2)

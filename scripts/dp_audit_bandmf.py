@@ -136,17 +136,9 @@ def run(sigma=3.0, m=1000, steps=400, n_real=1000, batch=9, lr=0.05, scale=10.0,
     from torch.utils.data import DataLoader, TensorDataset
 
     from regularizers import DPSGD
-    from scripts.dp_audit import DATA, features
+    from scripts.dp_audit import DATA, canaries
 
-    x, y = features(data or DATA, n_real, seed)
-    d, K = x.shape[1], 10
-    g = torch.Generator().manual_seed(seed + 1)
-    member = torch.rand(m, generator=g) < 0.5
-    canary_y = torch.arange(m) % K
-    ins = member.nonzero().squeeze(1)
-    xc = torch.zeros(len(ins), d + m)
-    xc[torch.arange(len(ins)), d + ins] = scale
-    X, Y = torch.cat([F.pad(x, (0, m)), xc]), torch.cat([y, canary_y[ins]])
+    X, Y, d, K, member, ins, canary_y = canaries(data or DATA, n_real, m, seed, scale)
 
     class Linear(L.LightningModule):
         def __init__(self):

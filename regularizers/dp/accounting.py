@@ -55,8 +55,13 @@ MAX_STEPS_SEARCHED = 1 << 20
 def max_steps(ledger: Ledger, sigma: float, sample_rate: float, target_epsilon: float,
               delta: float, accountant: str = "prv", upper: int = MAX_STEPS_SEARCHED) -> int:
     """Largest n such that the ledger plus n more steps stays within ``target_epsilon``."""
-    def ok(n: int) -> bool:
-        return epsilon(ledger + [(sigma, sample_rate, n)], delta, accountant) <= target_epsilon
+    return largest_within(lambda n: epsilon(ledger + [(sigma, sample_rate, n)], delta,
+                                            accountant) <= target_epsilon, upper)
+
+
+def largest_within(ok, upper: int = MAX_STEPS_SEARCHED) -> int:
+    """Largest n <= ``upper`` with ``ok(n)``, for ``ok`` true up to some n and false after
+    (epsilon grows with steps): doubling, then bisection."""
     if not ok(0):
         return 0
     hi = 1

@@ -35,8 +35,7 @@ class Ledger:
             self.segments.append([sigma, q, 1])
 
     def epsilon(self, extra: tuple | None = None) -> float:
-        history = [tuple(s) for s in self.segments] + ([extra] if extra else [])
-        return accounting.epsilon(history, self.delta, self.accountant)
+        return self.epsilon_of([tuple(s) for s in self.segments] + ([extra] if extra else []))
 
     def epsilon_of(self, segments: list) -> float:
         """Epsilon of another history at this ledger's delta and accountant."""
@@ -52,9 +51,9 @@ class Ledger:
         if self.target is None:
             return True
         if self._limit is None or self._limit[0] != (sigma, q):
-            spent = [tuple(s) for s in self.segments]
-            more = accounting.max_steps(spent, sigma, q, self.target, self.delta,
-                                        self.accountant)
+            spent = [tuple(s) for s in self.segments]  # epsilon_of: GroupLedger's too
+            more = accounting.largest_within(
+                lambda n: self.epsilon_of(spent + [(sigma, q, n)]) <= self.target)
             self._limit = ((sigma, q), self.steps + more)
         if self.steps + 1 <= self._limit[1]:
             return True

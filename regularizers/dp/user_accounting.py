@@ -97,9 +97,6 @@ class GroupLedger(Ledger):
         super().__init__(delta, "rdp", target_epsilon)
         self.k = k
 
-    def epsilon(self, extra: tuple | None = None) -> float:
-        return self.epsilon_of([tuple(s) for s in self.segments] + ([extra] if extra else []))
-
     def epsilon_of(self, segments: list) -> float:
         return group_epsilon(segments, self.k, self.delta)
 
@@ -109,31 +106,3 @@ class GroupLedger(Ledger):
 
     def calibrate_sigma(self, sample_rate: float, steps: int) -> float:
         return calibrate_els_sigma(self.target, self.delta, sample_rate, steps, self.k)
-
-    def allows(self, sigma: float, q: float) -> bool:
-        if self.target is None:
-            return True
-        if self._limit is None or self._limit[0] != (sigma, q):
-            self._limit = ((sigma, q), self.steps + self._more(sigma, q))
-        if self.steps + 1 <= self._limit[1]:
-            return True
-        return self.epsilon((sigma, q, 1)) <= self.target
-
-    def _more(self, sigma: float, q: float, upper: int = 1 << 20) -> int:
-        """Most further steps at (sigma, q) within the target (doubling, then bisection)."""
-        spent = [tuple(s) for s in self.segments]
-
-        def ok(n: int) -> bool:
-            return self.epsilon_of(spent + [(sigma, q, n)]) <= self.target
-        if not ok(0):
-            return 0
-        hi = 1
-        while hi < upper and ok(hi):
-            hi *= 2
-        if hi >= upper and ok(upper):
-            return upper
-        lo = hi // 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-        return lo
