@@ -49,18 +49,23 @@ def isolated_clipped_sum(loss_of: Callable, singles: Iterable, params: list,
                          ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """(sum_i c_i g_i per parameter, per-example norms, B) with every g_i computed alone."""
     sums = [torch.zeros_like(p, dtype=wide(p).dtype) for p in params]
-    norms = []
-    per_layer = max_grad_norm / math.sqrt(max(len(params), 1))
-    for batch in singles:
-        g = example_gradient(loss_of, batch, params)
-        sq = [x.square().sum() for x in g]
-        total = torch.sqrt(sum(sq)) if sq else torch.zeros(())
-        norms.append(total)
-        if clipping == "flat":
-            cs = [mechanism.finite_clip_factors(total, max_grad_norm)] * len(g)
-        else:  # a non-finite example clips to 0 in every tensor, as in mechanism.clipped_sum
-            cs = [mechanism.finite_clip_factors(torch.where(torch.isfinite(total), s.sqrt(),
-                                                            total), per_layer) for s in sq]
-        for s, x, ci in zip(sums, g, cs):
-            s.add_(torch.where(ci > 0, x * ci, torch.zeros_like(x)))
+    norms = [add_clipped_(sums, example_gradient(loss_of, batch, params), max_grad_norm, clipping)
+             for batch in singles]
     return sums, (torch.stack(norms) if norms else torch.zeros(0)), len(norms)
+
+
+def add_clipped_(sums: list[torch.Tensor], g: list[torch.Tensor], max_grad_norm: float,
+                 clipping: str = "flat") -> torch.Tensor:
+    """Adds one unit's clipped vector ``g`` (an example's gradient, or a user's mean) to
+    ``sums``; returns its norm. A non-finite vector adds 0."""
+    sq = [x.square().sum() for x in g]
+    total = torch.sqrt(sum(sq)) if sq else torch.zeros(())
+    if clipping == "flat":
+        cs = [mechanism.finite_clip_factors(total, max_grad_norm)] * len(g)
+    else:  # a non-finite example clips to 0 in every tensor, as in mechanism.clipped_sum
+        per_layer = max_grad_norm / math.sqrt(max(len(sums), 1))
+        cs = [mechanism.finite_clip_factors(torch.where(torch.isfinite(total), s.sqrt(), total),
+                                            per_layer) for s in sq]
+    for s, x, ci in zip(sums, g, cs):
+        s.add_(torch.where(ci > 0, x * ci, torch.zeros_like(x)))
+    return total

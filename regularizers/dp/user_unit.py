@@ -25,10 +25,9 @@ from typing import Any, Callable, Hashable
 import torch
 from torch.utils.data import Subset
 
-from . import mechanism
 from .budget import Ledger
 from .errors import PrivacyError
-from .isolated import example_gradient
+from .isolated import add_clipped_, example_gradient
 from .pieces import wide
 from .user_accounting import GroupLedger
 from .user_level import UserBatchSampler, cap_examples, group_by_user, user_clipped_sum_pieces, \
@@ -150,11 +149,7 @@ class UserLevel:
                     m.add_(g)
             for m in mean:
                 m.div_(len(mine))
-            norm = torch.sqrt(sum(m.square().sum() for m in mean)) if mean else torch.zeros(())
-            norms.append(norm)
-            c = mechanism.finite_clip_factors(norm, max_norm)
-            for s, m in zip(sums, mean):
-                s.add_(torch.where(c > 0, m * c, torch.zeros_like(m)))
+            norms.append(add_clipped_(sums, mean, max_norm))
         return sums, (torch.stack(norms) if norms else torch.zeros(0)), len(singles)
 
     # ----------------------------------------------------------- reporting
